@@ -1,0 +1,746 @@
+"""
+Data sets as uint8 tensors, training batches on the device, and sharding by rank.
+
+Every script gets its data from here: `load` returns images (uint8, N x C x H x W), labels and class
+names for the built-in `shapes` set, CIFAR-10/100 (python or binary version, tarball or folder),
+Tiny-ImageNet, any image folder, or a latents file written by `vae.py encode`. `Loader` keeps the
+data on the device and makes deterministic, augmented, rank-sharded batches; `iterate` is the
+evaluation pass; `stream` decodes folders too large for memory with DataLoader workers.
+
+    import data
+    ds = data.load("shapes")                          # built in: 10 classes, 5000 train / 1000 test
+    ds = data.load("cifar10", split="test")           # finds the official files in $DATA_DIR
+    ds = data.load("photos/", image_size=64)          # class sub-folders, ADM center crop to 64
+    loader = data.Loader(ds, batch_size=256, device="cuda", seed=0)
+    x, y = loader.batch(step)                         # float32 in [-1, 1], a pure function of (seed, step)
+
+    python data.py --data cifar10 --split test --grid preview.png
+"""
+import argparse
+import functools
+import io
+import itertools
+import json
+import os
+import pickle
+import sys
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class UserError(Exception):
+    """Something the user got wrong (path, file, flag); the message is one line naming it."""
+
+
+def _one_line(e):
+    return " ".join(str(e).split())
+
+
+@dataclass
+class Dataset:
+    images: torch.Tensor | None      # uint8 (N, C, H, W); None for a latents file
+    labels: torch.Tensor | None      # int64 (N,), or None for unlabeled data
+    classes: list[str]               # class names ([] when unlabeled)
+    latents: dict | None = None      # latents file only: mean, std, mean_flip, std_flip, float32 (N, c, h, w)
+    scaling_factor: float | None = None
+
+    def __len__(self):
+        return len(self.images) if self.images is not None else len(self.latents["mean"])
+
+    @property
+    def sample_shape(self):
+        return tuple((self.images if self.images is not None else self.latents["mean"]).shape[1:])
+
+    @property
+    def num_classes(self):
+        return len(self.classes)
+
+    def _map(self, fn):
+        return Dataset(fn(self.images) if self.images is not None else None,
+                       fn(self.labels) if self.labels is not None else None, list(self.classes),
+                       {k: fn(v) for k, v in self.latents.items()} if self.latents is not None else None,
+                       self.scaling_factor)
+
+    def subset(self, idx):
+        idx = torch.as_tensor(idx)
+        return self._map(lambda t: t[idx.to(t.device)])
+
+    def to(self, device):
+        return self._map(lambda t: t.to(device))
+
+
+def to_float(images):
+    """uint8 (N, C, H, W) -> float32 in [-1, 1]."""
+    return images.float() / 127.5 - 1
+
+
+def to_uint8(x):
+    """float in [-1, 1] -> uint8, clamped; inverts to_float exactly."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+# -----------------------------------------------------------------------------
+# image files: decoding, ADM center crop, a thread pool for many files
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def center_crop(img, size):
+    """ADM's center_crop_arr: halve with BOX while that keeps the short side >= size (cheap and
+    alias-free), BICUBIC to make the short side exactly `size`, then crop the center square."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _decode(path, image_size=None):
+    """One image file -> uint8 (H, W, 3)."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")  # also forces the full decode, so truncated files fail here
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: cannot read image ({type(e).__name__}: {_one_line(e)})") from None
+    if image_size and img.size != (image_size, image_size):
+        img = center_crop(img, image_size)
+    return np.array(img)  # a writable copy, as torch.from_numpy wants
+
+
+def _pmap(fn, items):
+    """map() over a thread pool, in order; PIL releases the GIL while decoding and resizing."""
+    pool = ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1))
+    try:
+        yield from pool.map(fn, items)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on an error, don't decode the rest
+
+
+def _read_images(files, image_size=None):
+    """Image files -> uint8 (N, 3, H, W); all files must have one size unless image_size is given."""
+    out = None
+    for i, arr in enumerate(_pmap(functools.partial(_decode, image_size=image_size), files)):
+        if out is None:
+            out = np.empty((len(files), *arr.shape), np.uint8)
+        elif arr.shape != out.shape[1:]:
+            raise UserError(f"{files[i]}: image is {arr.shape[1]}x{arr.shape[0]} but {files[0]} is "
+                            f"{out.shape[2]}x{out.shape[1]}; use --image-size to bring all images to one size")
+        out[i] = arr
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _resize_all(images, size):
+    """uint8 (N, C, H, W) -> (N, C, size, size) with the ADM center crop."""
+    if images.shape[-2:] == (size, size):
+        return images
+    arrays = images.permute(0, 2, 3, 1).numpy()
+    out = list(_pmap(lambda a: np.asarray(center_crop(Image.fromarray(a), size)), arrays))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+# -----------------------------------------------------------------------------
+# CIFAR-10/100: the official python pickles (through a restricted unpickler) or the binary version
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR_FILES = {  # variant: (train files, test files, class-names file)
+    "cifar10-python": ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta"),
+    "cifar100-python": (["train"], ["test"], "meta"),
+    "cifar10-binary": ([f"data_batch_{i}.bin" for i in range(1, 6)], ["test_batch.bin"], "batches.meta.txt"),
+    "cifar100-binary": (["train.bin"], ["test.bin"], "fine_label_names.txt"),
+}
+
+
+def _latin1(s, encoding="latin1"):
+    # protocol-2 pickles written by Python 3 store bytes as _codecs.encode(str, "latin1"); allow only that
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}")
+    return s.encode("latin1")
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Resolves only the globals that numpy arrays and plain containers need, so a pickle that
+    tries to call anything else (os.system via __reduce__, ...) is refused, not run."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED |= {("builtins", n) for n in ("list", "dict", "tuple", "set", "frozenset", "bytearray",
+                                           "bytes", "str", "int", "float", "bool", "complex")}
+
+    def find_class(self, module, name):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1
+        if (module, name) not in self.ALLOWED:
+            raise UserError(f"{self.where}: refusing to unpickle {module}.{name} (a CIFAR batch holds only numpy "
+                            f"arrays and lists; this file is not one)")
+        return super().find_class(module, name)
+
+
+def _unpickle(raw, where):
+    unpickler = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes")  # the official files come from Python 2
+    unpickler.where = where
+    try:
+        obj = unpickler.load()
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{where}: not a readable CIFAR pickle ({type(e).__name__}: {_one_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a pickled dict, got {type(obj).__name__}")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar_python(raw, where):
+    d = _unpickle(raw, where)
+    x = d.get("data")
+    y = d.get("labels", d.get("fine_labels"))  # cifar-10 / cifar-100 (fine, 100 classes)
+    if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3072):
+        raise UserError(f"{where}: 'data' is not a uint8 array of N x 3072 pixels")
+    if y is None:
+        raise UserError(f"{where}: no 'labels' or 'fine_labels' entry")
+    try:
+        y = np.asarray(y, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: the labels are not a list of integers") from None
+    if len(y) != len(x):
+        raise UserError(f"{where}: {len(y)} labels for {len(x)} images")
+    return x.reshape(-1, 3, 32, 32), y
+
+
+def _cifar_binary(raw, where, fine):
+    rec = 3074 if fine else 3073  # [coarse label,] label, 3072 pixels
+    if len(raw) == 0 or len(raw) % rec:
+        raise UserError(f"{where}: {len(raw)} bytes is not a whole number of {rec}-byte CIFAR records")
+    a = np.frombuffer(raw, np.uint8).reshape(-1, rec)
+    return a[:, rec - 3072:].reshape(-1, 3, 32, 32), a[:, rec - 3073].astype(np.int64)
+
+
+def _cifar_classes(variant, raw, where):
+    if raw is None:
+        return CIFAR10_CLASSES if variant.startswith("cifar10-") else [str(i) for i in range(100)]
+    if variant.endswith("binary"):
+        return [s.strip() for s in raw.decode().splitlines() if s.strip()]
+    names = _unpickle(raw, where).get("label_names" if variant == "cifar10-python" else "fine_label_names")
+    if not isinstance(names, list):
+        raise UserError(f"{where}: no list of class names")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
+def _cifar_variant(names):
+    for variant, (train, test, meta) in CIFAR_FILES.items():
+        if set(train + test + [meta]) & set(names):
+            return variant
+    return None
+
+
+def _load_cifar(path, variant, split, read):
+    """read(name) -> bytes or None for a file of the tarball/folder `path`."""
+    train, test, meta = CIFAR_FILES[variant]
+    xs, ys = [], []
+    for name in train if split == "train" else test:
+        raw = read(name)
+        if raw is None:
+            raise UserError(f"{path}: missing {name} (a {variant.replace('-', ' ')} set needs {', '.join(train + test)})")
+        where = os.path.join(path, name)
+        x, y = _cifar_binary(raw, where, "100" in variant) if variant.endswith("binary") else _cifar_python(raw, where)
+        xs.append(x), ys.append(y)
+    classes = _cifar_classes(variant, read(meta), os.path.join(path, meta))
+    y = np.concatenate(ys)
+    if y.min() < 0 or y.max() >= len(classes):
+        raise UserError(f"{path}: labels range over {y.min()}..{y.max()} but there are {len(classes)} classes")
+    return Dataset(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(y), classes)
+
+
+def _load_cifar_folder(path, split):
+    files = [n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n))]
+
+    def read(name):
+        if name in files:
+            with open(os.path.join(path, name), "rb") as f:
+                return f.read()
+    return _load_cifar(path, _cifar_variant(files), split, read)
+
+
+def _load_tarball(path, split):
+    try:
+        with tarfile.open(path) as tar:
+            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+            variant = _cifar_variant(members)
+            if variant is None:
+                raise UserError(f"{path}: no CIFAR batches in this tarball (expected the official "
+                                f"cifar-10-python.tar.gz, cifar-100-python.tar.gz or a binary version)")
+            return _load_cifar(path, variant, split, lambda n: tar.extractfile(members[n]).read() if n in members else None)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise UserError(f"{path}: cannot read tarball ({_one_line(e)})") from None
+
+# -----------------------------------------------------------------------------
+# Tiny-ImageNet and image folders: lists of files, decoded all at once (load) or lazily (stream)
+
+
+def _images_in(folder):
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTS)]
+    return files
+
+
+def _class_files(folders):
+    """One folder of images (searched recursively) per class -> files, labels."""
+    files, labels = [], []
+    for i, folder in enumerate(folders):
+        found = _images_in(folder)
+        if not found:
+            raise UserError(f"{folder}: class folder has no PNG/JPEG images")
+        files += found
+        labels += [i] * len(found)
+    return files, labels
+
+
+def _tinyimagenet_files(root, split):
+    def rows(name):
+        with open(os.path.join(root, name)) as f:
+            return [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    if os.path.exists(os.path.join(root, "wnids.txt")):
+        wnids = sorted(r[0].strip() for r in rows("wnids.txt"))
+    else:
+        wnids = sorted(d for d in os.listdir(os.path.join(root, "train")) if not d.startswith("."))
+    words = {r[0]: r[1].split(",")[0].strip() for r in rows("words.txt") if len(r) > 1} \
+        if os.path.exists(os.path.join(root, "words.txt")) else {}
+    classes = [words.get(w, w) for w in wnids]  # "n01443537" -> "goldfish"
+    if split == "train":
+        return (*_class_files([os.path.join(root, "train", w) for w in wnids]), classes)
+    ann = os.path.join(root, "val", "val_annotations.txt")
+    if not os.path.exists(ann):
+        raise UserError(f"{ann}: missing (Tiny-ImageNet's val split needs it)")
+    index, files, labels = {w: i for i, w in enumerate(wnids)}, [], []
+    for n, row in enumerate(rows(ann), 1):
+        if len(row) < 2 or row[1] not in index:
+            raise UserError(f"{ann}:{n}: expected 'filename<TAB>wnid' with a wnid of wnids.txt, got {row[:2]}")
+        files.append(os.path.join(root, "val", "images", row[0]))
+        labels.append(index[row[1]])
+    return files, labels, classes
+
+
+def _folder_files(root, split):
+    """Class sub-folders (labels: sorted folder names) or a flat folder of images (unlabeled).
+    A folder with train/ and test/ (or val/) sub-folders is split-aware; else it is one split."""
+    named = [n for n in (["train"] if split == "train" else ["test", "val"]) if os.path.isdir(os.path.join(root, n))]
+    if named and os.path.isdir(os.path.join(root, "train")):
+        root = os.path.join(root, named[0])
+    elif split != "train":
+        print(f"warning: {root} has no test/ or val/ sub-folder; its images serve as the {split} split too",
+              file=sys.stderr)
+    entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
+    flat = [os.path.join(root, e) for e in entries if e.lower().endswith(IMAGE_EXTS)]
+    classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+    if flat and classes:
+        raise UserError(f"{root}: has both images and sub-folders (expected class sub-folders, or a flat folder of images)")
+    if flat:
+        return flat, None, []
+    if not classes:
+        raise UserError(f"{root}: no images (expected class sub-folders of PNG/JPEG files, or a flat folder of them)")
+    return (*_class_files([os.path.join(root, c) for c in classes]), classes)
+
+
+def _list_files(path, split):
+    """(files, labels or None, classes) for a folder-based set, or None for anything else."""
+    if not os.path.isdir(path) or _cifar_variant([n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n))]):
+        return None
+    if os.path.exists(os.path.join(path, "wnids.txt")) or os.path.exists(os.path.join(path, "val", "val_annotations.txt")):
+        return _tinyimagenet_files(path, split)
+    return _folder_files(path, split)
+
+# -----------------------------------------------------------------------------
+# latents written by `vae.py encode`: one safetensors file per split
+
+
+def _load_latents(path, image_size=None):
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise UserError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+    if meta.get("format") != "repcond-latents-v1":
+        raise UserError(f"{path}: not a latents file (metadata format is {meta.get('format')!r}, "
+                        f"expected 'repcond-latents-v1' as written by `vae.py encode`)")
+    keys = ("mean", "std", "mean_flip", "std_flip")
+    missing = [k for k in keys if k not in t]
+    if missing:
+        raise UserError(f"{path}: missing tensors {', '.join(missing)}")
+    latents = {k: t[k].float() for k in keys}
+    if any(v.shape != latents["mean"].shape or v.ndim != 4 for v in latents.values()):
+        raise UserError(f"{path}: mean, std, mean_flip, std_flip must have one (N, c, h, w) shape")
+    labels = t["labels"].long() if "labels" in t else None
+    if labels is not None and labels.shape != (len(latents["mean"]),):
+        raise UserError(f"{path}: {len(labels)} labels for {len(latents['mean'])} latents")
+    if image_size and meta.get("image_size") and int(meta["image_size"]) != image_size:
+        raise UserError(f"{path}: latents of {meta['image_size']}px images, but --image-size is {image_size}")
+    try:
+        classes, scale = json.loads(meta.get("classes", "[]")), float(meta["scaling_factor"])
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{path}: bad metadata 'classes' or 'scaling_factor' ({_one_line(e)})") from None
+    return Dataset(None, labels, classes if labels is not None else [], latents, scale)
+
+# -----------------------------------------------------------------------------
+# shapes: the built-in data set
+#
+# 10 classes, each a shape or a texture with random position, size, rotation and colours: 5000
+# train images (500 a class), 1000 test, 32x32, drawn with numpy (2x supersampled) in about a second
+# for both splits. The class is kept out of the colour statistics: each image has a random mean
+# colour, and the background is set so that the image mean equals it exactly whatever the shape's
+# area (the foreground is lighter in every channel by a random contrast). Textures fill the image
+# with a random period, phase and angle. A linear classifier on pixels can then only use the blurred
+# average silhouette of each class. Measured (train on train, accuracy on test, chance 10%):
+#   logistic regression on raw pixels (Adam, 300 full-batch steps, best of 6 lr/wd)   27.0%
+#   ridge least squares on raw pixels                                                25.7%
+#   mean colour (MLP on the 3 channel means)                                          8.8%
+#   small CNN (4 conv layers 32-64-128-128 + BN, AdamW, flips; 5 / 10 epochs)   98.0% / 99.9%
+# (the CNN costs about 25 CPU-seconds an epoch: 5 epochs are about a minute on 2 idle cores).
+
+SHAPES_CLASSES = ["circle", "square", "triangle", "star", "plus", "ring", "crescent", "stripes", "checkerboard", "dots"]
+SHAPES_SPLITS = {"train": (5000, 1), "test": (1000, 2)}  # split: (images, seed)
+
+
+def _shape_mask(name, px, py, radius, period):
+    """Inside-test of one class; (px, py): pixel offsets in the shape's rotated frame."""
+    u, v = px / radius, py / radius  # shapes fit in the unit disk
+    rho = np.hypot(u, v)
+    if name == "circle":
+        return rho < 0.8
+    if name == "square":
+        return np.maximum(abs(u), abs(v)) < 0.62
+    if name == "triangle":
+        return functools.reduce(np.logical_and, [u * np.cos(a) + v * np.sin(a) < 0.42
+                                                 for a in np.pi / 2 + np.arange(3) * 2 * np.pi / 3])
+    if name == "star":  # radius goes 0.38 -> 0.98 -> 0.38 around each of 5 points
+        t = (np.arctan2(v, u) * (5 / (2 * np.pi))) % 1.0
+        return rho < 0.38 + 1.2 * abs(t - 0.5)
+    if name == "plus":
+        return ((abs(u) < 0.26) & (abs(v) < 0.85)) | ((abs(v) < 0.26) & (abs(u) < 0.85))
+    if name == "ring":
+        return (rho > 0.5) & (rho < 0.85)
+    if name == "crescent":
+        return (rho < 0.85) & (np.hypot(u - 0.4, v) > 0.7)
+    a, b = px / period, py / period  # textures: the whole image, in units of their period
+    if name == "stripes":
+        return a % 1.0 < 0.5
+    if name == "checkerboard":
+        return (np.floor(a) + np.floor(b)) % 2 == 0
+    if name == "dots":
+        return np.hypot(a % 1.0 - 0.5, b % 1.0 - 0.5) < 0.3
+    raise ValueError(name)
+
+
+@functools.lru_cache(maxsize=8)
+def _shapes(split, size):
+    """-> uint8 (N, size, size, 3), int64 labels; a pure function of (split, size)."""
+    n, seed = SHAPES_SPLITS[split]
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % len(SHAPES_CLASSES)  # interleaved, so any prefix is class-balanced
+    center = rng.uniform(0.25, 0.75, (n, 2)) * size
+    radius = rng.uniform(0.22, 0.40, n) * size
+    angle = rng.uniform(0, 2 * np.pi, n)
+    period = rng.uniform(0.16, 0.28, n) * size
+    mean = rng.uniform(0.3, 0.7, (n, 3))
+    contrast = rng.uniform(0.12, 0.3, (n, 3))  # mean +- contrast stays inside [0, 1] for any area
+    ss = 2 if size <= 64 else 1  # supersampling, for anti-aliased edges
+    grid = ((np.arange(size * ss) + 0.5) / ss).astype(np.float32)
+    out = np.empty((n, size, size, 3), np.uint8)
+    chunk = max(1, 2 ** 22 // (size * ss) ** 2)  # bounds the memory of large image_size
+    for start in range(0, n, chunk):
+        i = np.arange(start, min(n, start + chunk))
+        alpha = np.empty((len(i), size, size), np.float32)
+        for k, name in enumerate(SHAPES_CLASSES):
+            j = i[labels[i] == k]
+            f = lambda a: a[j, None, None].astype(np.float32)
+            dx, dy = grid[None, None, :] - f(center[:, 0]), grid[None, :, None] - f(center[:, 1])
+            cos, sin = f(np.cos(angle)), f(np.sin(angle))
+            mask = _shape_mask(name, cos * dx + sin * dy, cos * dy - sin * dx, f(radius), f(period))
+            alpha[j - start] = mask.reshape(len(j), size, ss, size, ss).mean((2, 4))
+        a = alpha[..., None]
+        background = mean[i] - contrast[i] * alpha.mean((1, 2))[:, None]
+        img = background[:, None, None] + contrast[i, None, None] * a
+        img += 0.03 * rng.standard_normal(img.shape, dtype=np.float32)
+        out[i] = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return out, labels
+
+
+def _load_shapes(split, image_size=None):
+    x, y = _shapes(split, image_size or 32)
+    return Dataset(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y), list(SHAPES_CLASSES))
+
+# -----------------------------------------------------------------------------
+# load: names and paths to a Dataset
+
+DATA_NAMES = {  # name: official file or folder names looked up in $DATA_DIR, in order
+    "cifar10": ["cifar-10-batches-py", "cifar-10-python.tar.gz", "cifar-10-batches-bin", "cifar-10-binary.tar.gz"],
+    "cifar100": ["cifar-100-python", "cifar-100-python.tar.gz", "cifar-100-binary", "cifar-100-binary.tar.gz"],
+    "tinyimagenet": ["tiny-imagenet-200"],
+}
+
+
+def _check_split(split):
+    if split not in ("train", "test", "val"):
+        raise UserError(f"--split {split}: expected train or test")
+    return "test" if split == "val" else split
+
+
+def _resolve(spec):
+    """A data set name or path -> an existing path."""
+    if spec in DATA_NAMES:
+        root = os.environ.get("DATA_DIR", "datasets")
+        for name in DATA_NAMES[spec]:
+            if os.path.exists(os.path.join(root, name)):
+                return os.path.join(root, name)
+        raise UserError(f"--data {spec}: none of {', '.join(DATA_NAMES[spec])} in {root}/ (set $DATA_DIR, "
+                        f"or pass the path of the downloaded file or folder)")
+    if not os.path.exists(spec):
+        raise UserError(f"--data {spec}: no such file or folder (expected shapes, {', '.join(DATA_NAMES)}, "
+                        f"or a path to a CIFAR tarball/folder, image folder or latents .safetensors)")
+    return spec
+
+
+def load(spec, split="train", image_size=None):
+    """A data set by name ("shapes", "cifar10", "cifar100", "tinyimagenet") or path; see the module doc."""
+    split = _check_split(split)
+    if image_size is not None and image_size < 1:
+        raise UserError(f"--image-size {image_size}: expected a positive number of pixels")
+    if spec == "shapes":
+        return _load_shapes(split, image_size)
+    path = _resolve(spec)
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        return _load_latents(path, image_size)
+    if (listing := _list_files(path, split)) is not None:  # Tiny-ImageNet or an image folder
+        files, labels, classes = listing
+        return Dataset(_read_images(files, image_size), torch.tensor(labels) if labels is not None else None, classes)
+    if os.path.isdir(path):
+        ds = _load_cifar_folder(path, split)
+    elif path.endswith((".tar.gz", ".tgz", ".tar")):
+        ds = _load_tarball(path, split)
+    else:
+        raise UserError(f"{path}: unknown format (expected a CIFAR .tar.gz, a latents .safetensors, or a folder)")
+    if image_size:
+        ds.images = _resize_all(ds.images, image_size)
+    return ds
+
+
+def labeled_subset(ds, labels_per_class=None, fraction=None, seed=0):
+    """A class-balanced subset: labels_per_class images of each class, or that fraction of each class."""
+    if (labels_per_class is None) == (fraction is None):
+        raise UserError("give exactly one of --labels-per-class and a labeled fraction")
+    if ds.labels is None:
+        raise UserError("a labeled subset needs a labeled data set (this one has no labels)")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise UserError(f"labeled fraction {fraction}: expected a number in (0, 1]")
+    g = torch.Generator().manual_seed(seed)
+    labels, keep = ds.labels.cpu(), []
+    for c in range(ds.num_classes):
+        idx = torch.nonzero(labels == c).flatten()
+        k = labels_per_class if labels_per_class is not None else max(1, round(fraction * len(idx)))
+        if k > len(idx):
+            raise UserError(f"--labels-per-class {k}: class {ds.classes[c]!r} has only {len(idx)} images")
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return ds.subset(torch.cat(keep).sort().values)
+
+# -----------------------------------------------------------------------------
+# batches: Loader (training), iterate (evaluation), stream (folders too big for memory)
+
+
+def _generator(*keys, device="cpu"):
+    """A torch.Generator seeded by a tuple of ints; the CPU one gives the same numbers everywhere."""
+    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def crop_flip(x, shift, flip, padding):
+    """Random crop with reflect padding, and horizontal flip, in one gather on the device.
+    x: uint8 (B, C, H, W); shift: (B, 2) row/column offsets in [0, 2*padding]; flip: bool (B,)."""
+    B, C, H, W = x.shape
+    rows = torch.arange(H, device=x.device) + (shift[:, :1] - padding)  # (B, H) source row of each output row
+    cols = torch.arange(W, device=x.device) + (shift[:, 1:] - padding)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    reflect = lambda i, n: (n - 1) - ((n - 1) - i.abs()).abs()  # -1 -> 1 and n -> n - 2, as reflect padding
+    src = reflect(rows, H)[:, :, None] * W + reflect(cols, W)[:, None, :]  # (B, H, W) flat source pixel
+    return x.flatten(2).gather(2, src.flatten(1)[:, None].expand(B, C, H * W)).view(B, C, H, W)
+
+
+class Loader:
+    """Training batches kept on the device; deterministic for (seed, step); sharded by rank.
+
+    Each epoch draws, on the CPU from (seed, epoch), a permutation and one crop offset and flip
+    per position, and moves them to the device once; a step takes its slice. batch_size is global:
+    rank r gets rows [r * B/world, (r+1) * B/world) of the global batch, so the ranks together see
+    exactly what one process would. The last partial batch of an epoch is dropped."""
+
+    def __init__(self, ds, batch_size, device, seed=0, augment=True, crop_padding=4, flip=True, rank=0, world_size=1):
+        if batch_size % world_size:
+            raise UserError(f"--batch-size {batch_size} is not divisible by the {world_size} processes")
+        if len(ds) < batch_size:
+            raise UserError(f"--batch-size {batch_size} is larger than the data set ({len(ds)} samples)")
+        if ds.images is not None and augment and crop_padding >= min(ds.images.shape[-2:]):
+            raise UserError(f"crop padding {crop_padding} must be smaller than the images ({ds.images.shape[-1]}px)")
+        self.ds, self.device = ds.to(device), torch.device(device)
+        self.batch_size, self.local = batch_size, batch_size // world_size
+        self.seed, self.augment, self.crop_padding, self.flip = seed, augment, crop_padding, flip
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = len(ds) // batch_size
+        self._epoch, self._plan = None, None
+
+    def _epoch_plan(self, epoch):
+        if epoch != self._epoch:
+            g, n = _generator(self.seed, epoch), len(self.ds)
+            perm = torch.randperm(n, generator=g)
+            flip = torch.rand(n, generator=g) < 0.5
+            shift = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=g)
+            self._epoch, self._plan = epoch, [t.to(self.device) for t in (perm, flip, shift)]
+        return self._plan
+
+    def batch(self, step):
+        epoch, i = divmod(step, self.steps_per_epoch)
+        start = i * self.batch_size + self.rank * self.local  # this rank's rows of the global batch
+        idx, flip, shift = (t[start:start + self.local] for t in self._epoch_plan(epoch))
+        flip = flip & (self.augment and self.flip)
+        ds = self.ds
+        y = ds.labels[idx] if ds.labels is not None else None
+        if ds.latents is not None:  # no crop for latents; a flip takes the latents of the flipped image
+            pick = lambda k: torch.where(flip[:, None, None, None], ds.latents[k + "_flip"][idx], ds.latents[k][idx])
+            # noise for the whole global batch, of which the rank keeps its rows (same numbers on
+            # every rank of one device type; CPU and CUDA generators differ)
+            g = _generator(self.seed, step, 1, device=self.device)
+            eps = torch.randn((self.batch_size, *ds.sample_shape), generator=g, device=self.device)
+            eps = eps[self.rank * self.local:(self.rank + 1) * self.local]
+            return (pick("mean") + pick("std") * eps) * ds.scaling_factor, y
+        x = ds.images[idx]
+        if self.augment:
+            x = crop_flip(x, shift, flip, self.crop_padding)
+        return to_float(x), y
+
+
+def iterate(ds, batch_size, device, rank=0, world_size=1):
+    """Evaluation pass in order, no augmentation, every sample once (the last batch may be short);
+    yields (x, y, idx). Latents give the posterior mean * scaling_factor. batch_size is global, and
+    rank r gets the samples with idx % world_size == r."""
+    local = max(1, batch_size // world_size)
+    order = torch.arange(rank, len(ds), world_size)
+    for start in range(0, len(order), local):
+        idx = order[start:start + local]
+        if ds.latents is not None:
+            mean = ds.latents["mean"]
+            x = mean[idx.to(mean.device)].to(device) * ds.scaling_factor
+        else:
+            x = to_float(ds.images[idx.to(ds.images.device)].to(device))
+        y = ds.labels[idx.to(ds.labels.device)].to(device) if ds.labels is not None else None
+        yield x, y, idx.to(device)
+
+
+class _Images(torch.utils.data.Dataset):
+    """Image files decoded in DataLoader workers. A worker's error comes back as a string, so that
+    the main process raises one clean line instead of the worker's traceback."""
+
+    def __init__(self, files, labels, image_size):
+        self.files, self.labels, self.image_size = files, labels, image_size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            return torch.from_numpy(_decode(self.files[i], self.image_size)).permute(2, 0, 1), i
+        except UserError as e:
+            return str(e)
+
+    def collate(self, items):
+        bad = [it for it in items if isinstance(it, str)]
+        if bad:
+            return bad[0]
+        first = items[0][0].shape
+        for x, i in items:
+            if x.shape != first:
+                return (f"{self.files[i]}: image is {x.shape[2]}x{x.shape[1]}, others are {first[2]}x{first[1]}; "
+                        f"use --image-size to bring all images to one size")
+        idx = [i for _, i in items]
+        return torch.stack([x for x, _ in items]), (self.labels[idx] if self.labels is not None else None)
+
+
+def stream(spec, batch_size, image_size=None, workers=4, shuffle=True, seed=0, rank=0, world_size=1, split="train"):
+    """torch DataLoader with workers, decoding an image folder lazily (folders too big for memory);
+    yields (uint8 images (B, C, H, W), labels or None). batch_size is global, as in Loader.
+    shuffle=True: endless, each epoch a (seed, epoch) permutation cut into global batches, rank r
+    taking its slice. shuffle=False: one pass in order, rank r gets the samples i % world_size == r."""
+    listing = _list_files(_resolve(spec), _check_split(split)) if spec != "shapes" else None
+    if listing is None:
+        raise UserError(f"--data {spec}: stream decodes image folders; load this data set with data.load")
+    files, labels, _ = listing
+    items = _Images(files, torch.tensor(labels) if labels is not None else None, image_size)
+    n, local = len(items), batch_size // world_size
+    if batch_size % world_size or (shuffle and n < batch_size):
+        raise UserError(f"--batch-size {batch_size}: must be divisible by {world_size} processes and at most {n}")
+    if shuffle:  # endless; epoch e is the (seed, e) permutation cut into global batches
+        perms = (torch.randperm(n, generator=_generator(seed, e)).tolist() for e in itertools.count())
+        epochs = ([p[s + rank * local:s + (rank + 1) * local] for s in range(0, n - batch_size + 1, batch_size)]
+                  for p in perms)
+    else:
+        order = torch.arange(rank, n, world_size).tolist()
+        epochs = [[order[s:s + local] for s in range(0, len(order), local)]]
+    return _decoded_batches(items, epochs, workers)
+
+
+def _decoded_batches(items, epochs, workers):
+    for batches in epochs:
+        loader = torch.utils.data.DataLoader(items, batch_sampler=batches, num_workers=workers, collate_fn=items.collate)
+        for b in loader:
+            if isinstance(b, str):
+                raise UserError(b)
+            yield b
+
+# -----------------------------------------------------------------------------
+
+
+def save_grid(images, path, nrow=8):
+    """uint8 (N, C, H, W) -> a PNG grid, nrow images a row, 2px gaps."""
+    images = images.cpu()
+    n, c, h, w = images.shape
+    rows = (n + nrow - 1) // nrow
+    grid = torch.zeros(c, rows * (h + 2) + 2, nrow * (w + 2) + 2, dtype=torch.uint8)
+    for k in range(n):
+        r, q = divmod(k, nrow)
+        grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = images[k]
+    Image.fromarray(grid.permute(1, 2, 0).squeeze(-1).numpy()).save(path)
+
+
+def main(args):
+    ds = load(args.data, args.split, args.image_size)
+    what = "latents" if ds.images is None else "images"
+    names = ", ".join(ds.classes[:10]) + (", ..." if ds.num_classes > 10 else "")
+    print(f"{args.data} [{args.split}]: {len(ds)} {what} of shape {'x'.join(map(str, ds.sample_shape))}, "
+          + (f"{ds.num_classes} classes ({names})" if ds.labels is not None else "unlabeled"))
+    if args.grid:
+        if ds.images is None:
+            raise UserError("--grid needs images; decode latents with vae.py")
+        if ds.labels is not None:  # a row of up to 8 images for each of the first 16 classes
+            idx = torch.cat([torch.nonzero(ds.labels == c).flatten()[:8] for c in range(min(16, ds.num_classes))])
+        else:
+            idx = torch.arange(min(64, len(ds)))
+        save_grid(ds.images[idx], args.grid, nrow=8)
+        print(f"wrote {args.grid}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Load a data set, print a summary and optionally save a preview grid.")
+    p.add_argument("--data", default="shapes", help="shapes | cifar10 | cifar100 | tinyimagenet | a path")
+    p.add_argument("--split", default="train", choices=["train", "test", "val"])
+    p.add_argument("--image-size", type=int, default=None, help="resize (ADM center crop) to this many pixels")
+    p.add_argument("--grid", default=None, help="write a preview grid PNG here")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except UserError as e:
+        sys.exit(f"error: {e}")
