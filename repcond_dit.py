@@ -166,9 +166,12 @@ class DiT(nn.Module):
     With rep_dim > 0 a representation r (N, rep_dim) is added to c: this is how r is "combined at the
     beginning of each of the N blocks" in the paper (which does not name the operator; adaLN
     conditioning is DiT's own way in, and it lets `tune` swap r for a label embedding exactly).
+    With input_map=True a latent-shaped map (the encoder's "decode" output) gets its own patch embedding,
+    added to the input tokens: the same as concatenating it to x as extra channels, so the denoiser can
+    tell the map and the noisy input apart (adding the map to x in pixel space would mix the two).
     """
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, rep_dim=0):
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, rep_dim=0, input_map=False):
         super().__init__()
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -179,6 +182,8 @@ class DiT(nn.Module):
             self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         if rep_dim > 0:
             self.rep_embedder = nn.Linear(rep_dim, hidden_size)
+        if input_map:
+            self.map_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         num_patches = (input_size // patch_size) ** 2
         # stored in the state dict like the official release, but never trained
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
@@ -197,6 +202,9 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
+        if hasattr(self, "map_embedder"):
+            nn.init.xavier_uniform_(self.map_embedder.proj.weight.data.view(self.hidden_size, -1))
+            nn.init.zeros_(self.map_embedder.proj.bias)
         if self.num_classes > 0:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         if self.rep_dim > 0:
@@ -210,9 +218,12 @@ class DiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x, t, y=None, r=None, y_drop=None):
-        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) labels, r: (N, rep_dim). -> (N, out_C, H, W)"""
+    def forward(self, x, t, y=None, r=None, y_drop=None, x_map=None):
+        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) labels, r: (N, rep_dim),
+        x_map: (N, C, H, W) encoder map. -> (N, out_C, H, W)"""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        if x_map is not None:
+            x = x + self.map_embedder(x_map)  # injection point 1
         c = self.t_embedder(t)  # (N, D)
         if y is not None:
             c = c + self.y_embedder(y, y_drop)
@@ -247,9 +258,10 @@ class ViTBlock(nn.Module):
 class ViTEncoder(nn.Module):
     """f_phi: clean latent z0 -> (tokens, pooled representation r), plus the paper's "decode" head.
 
-    The decode head (Norm, Linear, Unpatchify) turns the tokens into a latent-shaped map that is added
-    to the denoiser's input (injection point 1). Its Linear starts at zero so joint training starts
-    from the unconditional denoiser.
+    The decode head (Norm, Linear, Unpatchify) turns the tokens into a latent-shaped map that is combined
+    with the denoiser's input (injection point 1). It starts as a random (xavier) projection rather than at
+    zero: a zero head behind DiT's zero-initialised blocks gets no gradient until the blocks wake up, and
+    the joint model then takes hundreds of steps longer to use the map.
     """
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=384, depth=12, num_heads=6,
                  rep_dim=256, decode_head=True):
@@ -265,8 +277,6 @@ class ViTEncoder(nn.Module):
             self.decode_linear = nn.Linear(hidden_size, patch_size * patch_size * in_channels)
         self.decode_head = decode_head
         self.apply(lambda m: (nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)) if isinstance(m, nn.Linear) else None)
-        if decode_head:
-            nn.init.zeros_(self.decode_linear.weight)
 
     def forward(self, z0):
         """z0: (N, C, H, W) -> tokens (N, T, D), r (N, rep_dim)"""
@@ -292,14 +302,14 @@ class RepCondDiT(nn.Module):
         self.denoiser, self.encoder, self.inject = denoiser, encoder, inject
 
     def forward(self, z_t, t, z0=None, y=None, y_drop=None):
-        r = None
+        r = x_map = None
         if self.encoder is not None:
-            tokens, r = self.encoder(z0)
+            tokens, r = self.encoder(z0)  # (N, T, D), (N, rep_dim)
             if self.inject in ("both", "input"):
-                z_t = z_t + self.encoder.decode(tokens)  # injection point 1: (N, C, H, W)
+                x_map = self.encoder.decode(tokens)  # (N, C, H, W)
             if self.inject == "input":
                 r = None
-        return self.denoiser(z_t, t, y=y, r=r, y_drop=y_drop)
+        return self.denoiser(z_t, t, y=y, r=r, y_drop=y_drop, x_map=x_map)
 
 
 # presets: (depth, hidden, heads); DiT-XS and ViT-XS are this project's CPU sizes for demos and tests
@@ -317,7 +327,8 @@ def build_model(cfg):
     rep = cfg.get("cond") == "rep"
     rep_dim = cfg["rep_dim"] if rep and cfg.get("inject") != "input" else 0
     denoiser = DiT(input_size=H, in_channels=C, num_classes=cfg.get("num_classes", 0), learn_sigma=cfg.get("learn_sigma", False),
-                   class_dropout_prob=cfg.get("class_dropout", 0.1), rep_dim=rep_dim, **DiT_models[cfg["model"]])
+                   class_dropout_prob=cfg.get("class_dropout", 0.1), rep_dim=rep_dim,
+                   input_map=rep and cfg.get("inject") in ("both", "input"), **DiT_models[cfg["model"]])
     encoder = None
     if rep:
         encoder = ViTEncoder(input_size=H, in_channels=C, rep_dim=cfg["rep_dim"], decode_head=cfg["inject"] in ("both", "input"),
@@ -347,10 +358,12 @@ def load_dit(path, device="cpu"):
     out_ch = sd["final_layer.linear.weight"].shape[0] // patch ** 2
     num_classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1 if "y_embedder.embedding_table.weight" in sd else 0
     input_size = int(round(sd["pos_embed"].shape[1] ** 0.5)) * patch
-    model = DiT(input_size=input_size, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth, num_heads=heads,
-                num_classes=num_classes, learn_sigma=out_ch == 2 * in_ch)
+    with torch.device("meta"):  # skip the random init of up to 675M parameters: the file overwrites all of them
+        model = DiT(input_size=input_size, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth, num_heads=heads,
+                    num_classes=num_classes, learn_sigma=out_ch == 2 * in_ch)
+    model = model.to_empty(device="cpu")
     load_state_dict_strict(model, sd, path)
-    return model.to(device).eval()
+    return model.float().to(device).eval()
 
 
 def load_state_dict_strict(model, sd, path):
@@ -466,7 +479,7 @@ def setup_distributed(device_arg="auto"):
     else:
         rank, world, local, device = 0, 1, 0, "cuda" if cuda else "cpu"
     if cuda:
-        torch.cuda.set_device(torch.device(device))
+        torch.cuda.set_device(local)  # an index: torch.device("cuda") without one is refused
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Dist(rank, world, local, device)
@@ -730,19 +743,7 @@ def _font():
 
 def save_image_grid(images, path, nrow=8):
     """images: uint8 (N, C, H, W) or float in [-1, 1] -> one PNG grid."""
-    from PIL import Image
-    if images.dtype != torch.uint8:
-        images = data.to_uint8(images)
-    images = images.cpu()
-    N, C, H, W = images.shape
-    ncol = min(nrow, N)
-    rows = (N + ncol - 1) // ncol
-    grid = torch.full((C, rows * (H + 2) + 2, ncol * (W + 2) + 2), 255, dtype=torch.uint8)
-    for i in range(N):
-        r, c = divmod(i, ncol)
-        grid[:, 2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = images[i]
-    arr = grid.permute(1, 2, 0).numpy()
-    Image.fromarray(arr[..., 0] if C == 1 else arr[..., :3]).save(path)
+    data.save_grid(images if images.dtype == torch.uint8 else data.to_uint8(images), path, nrow=min(nrow, len(images)))
 
 
 def save_heatmap(matrix, path, row_labels, col_labels, title="", fmt="{:.2f}"):
@@ -984,7 +985,7 @@ def tune(args):
     cfg["data"] = args.data_override or pcfg["data"]
     model = build_model(cfg)
     own = model.denoiser.state_dict()
-    carried = {k: v for k, v in pre.denoiser.state_dict().items() if k in own}  # all but rep_embedder.*
+    carried = {k: v for k, v in pre.denoiser.state_dict().items() if k in own}  # all but rep_embedder.*, map_embedder.*
     missing = [k for k in own if k not in carried]
     assert all(k.startswith("y_embedder.") for k in missing), missing
     model.denoiser.load_state_dict(carried, strict=False)
@@ -1158,9 +1159,9 @@ def sample(args):
             z_real = space.encode(x_real, generator=False) if x_real is not None else \
                 test.latents["mean"][torch.arange(s, s + b) % len(test)].to(dist.device) * test.scaling_factor
             tokens, r = enc(z_real)
-            m = enc.decode(tokens) if model.inject in ("both", "input") else 0
+            m = enc.decode(tokens) if model.inject in ("both", "input") else None
             r = None if model.inject == "input" else r
-            eps_fn = (lambda x, t: den(x + m, t, r=r)[:, :x.shape[1]])
+            eps_fn = (lambda x, t: den(x, t, r=r, x_map=m)[:, :x.shape[1]])
             real_all.append(z_real)
         else:
             eps_fn = (lambda x, t: den(x, t)[:, :x.shape[1]])
