@@ -1,0 +1,1405 @@
+"""
+Denoising diffusion autoencoders (DDAE): diffusion pre-training, then layer x timestep linear probes,
+alignment/uniformity, fine-tuning and noise-conditional classifiers on the frozen denoiser's features.
+
+Paper: "Denoising Diffusion Autoencoders are Unified Self-supervised Learners" (Xiang et al., ICCV 2023,
+shared/papers/003_*). An unconditional diffusion UNet (DDPM eps-prediction, or EDM preconditioning) is
+trained on unlabeled images; its intermediate activations, fed an image noised to level t and globally
+average-pooled, are linearly separable. The best (layer, t) is found by a grid search of linear probes.
+
+    python ddae_probe.py --out-dir runs/demo           # pretrain -> probe on `shapes`, CPU, a few minutes
+    torchrun --nproc_per_node=8 ddae_probe.py pretrain --data cifar10 --model ddpm --objective ddpm
+    python ddae_probe.py probe --ckpt runs/x/ckpt --t 0 11 25 50 100 200 --out-dir runs/x/probe
+    python ddae_probe.py align --ckpt runs/x/ckpt --grid runs/x/probe/grid.json --out-dir runs/x/align
+    python ddae_probe.py finetune --ckpt runs/x/ckpt --grid runs/x/probe/grid.json --out-dir runs/x/ft
+    python ddae_probe.py noisy --ckpt runs/x/ckpt --grid runs/x/probe/grid.json --out-dir runs/x/noisy
+    python ddae_probe.py sample --ckpts runs/x/ckpt_0050000 runs/x/ckpt_0100000 --fid --probe --out-dir runs/x/fvp
+    python ddae_probe.py probe --dit-path DiT-XL-2-256x256.pt --data cifar10 --image-size 256 --vae-path sd-vae.safetensors
+
+Layer names (the probe grid's rows) follow the module paths, so `net.get_submodule(name)` is the block:
+`down.i` is the i-th block of the encoder path (res blocks, then a downsampler after every level but the
+last), `mid` the bottleneck (res+attn, res), `up.i` the i-th block of the decoder path (num_res_blocks + 1
+res blocks that read a skip, then an upsampler after every level but the last). A DiT's layers are
+`blocks.i`. For `--objective edm` every "timestep t" of this script (flags, grids, JSON) is the noise
+level sigma itself; for ddpm it is the 0-based index into the beta schedule (t = 0: the least noise).
+"""
+import argparse
+import copy
+import csv
+import math
+import os
+import shutil
+import sys
+import time
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import data
+from data import UserError
+from repcond_dit import (DiT_models, Diffusion, FinalLayer, RunLog, Space, add_common_args, add_train_args, autocast,
+                         cleanup_distributed, compute_fid, draw_global, find_checkpoint, fit, gather_by_index,
+                         load_dit, load_json, load_weights, resolve_amp, sample_loop, save_curve,
+                         save_heatmap, save_image_grid, save_json, setup_distributed, step_generator,
+                         timestep_embedding, unpatchify)
+
+# ----------------------------------------------------------------------------------------------
+# Model: the DDPM / DDPM++ UNet, every block addressable by name
+
+
+def Normalize(channels):
+    return nn.GroupNorm(min(32, channels // 4) if channels % 32 else 32, channels, eps=1e-6)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions (DDPM), residual, output projection starts at zero."""
+    def __init__(self, channels, skip_scale=1.0):
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.skip_scale = skip_scale
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(N, 3, 1, C, H * W).transpose(-1, -2).unbind(1)  # 3 x (N, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)  # (N, 1, HW, C)
+        return (x + self.proj_out(h.transpose(-1, -2).reshape(N, C, H, W))) * self.skip_scale
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with the (time [+ label]) embedding added in between, 1x1 skip when the shape
+    changes, optional attention after it. resample="down"/"up" makes it the DDPM++ (BigGAN-style) resampling
+    block: both paths are average-pooled / nearest-upsampled (EDM's [1, 1] resample filter) inside the block."""
+    def __init__(self, in_ch, out_ch, emb_dim, dropout=0.0, attn=False, resample=None, skip_scale=1.0):
+        super().__init__()
+        self.norm1 = Normalize(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = Normalize(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch or resample else nn.Identity()
+        self.attn = AttnBlock(out_ch, skip_scale) if attn else None
+        self.resample, self.skip_scale, self.out_ch = resample, skip_scale, out_ch
+
+    def _resample(self, x):
+        if self.resample == "down":
+            return F.avg_pool2d(x, 2)
+        if self.resample == "up":
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x
+
+    def forward(self, x, emb):
+        h = F.silu(self.norm1(x))
+        h, x = self._resample(h), self._resample(x)
+        h = self.conv1(h) + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        x = (self.skip(x) + h) * self.skip_scale
+        return self.attn(x) if self.attn is not None else x
+
+
+class Downsample(nn.Module):
+    """DDPM: a stride-2 3x3 conv."""
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.out_ch = channels
+
+    def forward(self, x, emb=None):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """DDPM: nearest x2, then a 3x3 conv."""
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.out_ch = channels
+
+    def forward(self, x, emb=None):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels, emb_dim, dropout, skip_scale):
+        super().__init__()
+        self.block1 = ResBlock(channels, channels, emb_dim, dropout, attn=True, skip_scale=skip_scale)
+        self.block2 = ResBlock(channels, channels, emb_dim, dropout, skip_scale=skip_scale)
+        self.out_ch = channels
+
+    def forward(self, x, emb):
+        return self.block2(self.block1(x, emb), emb)
+
+
+class UNet(nn.Module):
+    """The DDPM UNet (Ho et al.) and its DDPM++ variant (Song et al., as trained by EDM).
+
+    forward(x, t, y=None) -> eps (ddpm objective) or the raw network output F (edm objective): the
+    objective decides what the output means. t: (N,) timesteps (DDPM) or c_noise (EDM), any float.
+    num_classes > 0 adds a label embedding to the time embedding; index num_classes is the null label
+    (y=None means null), for classifier-free guidance dropout.
+    stop_at=NAME returns the activation of that block instead (truncated network, no output head).
+    self.layers lists (name, channels, resolution) of every block, in forward order.
+    """
+    def __init__(self, in_channels=3, image_size=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,),
+                 dropout=0.1, resblock_updown=False, skip_scale=1.0, up_attn_last_only=False, num_classes=0):
+        super().__init__()
+        self.config = dict(in_channels=in_channels, image_size=image_size, ch=ch, ch_mult=list(ch_mult),
+                           num_res_blocks=num_res_blocks, attn_res=list(attn_res), dropout=dropout,
+                           resblock_updown=resblock_updown, skip_scale=skip_scale, up_attn_last_only=up_attn_last_only,
+                           num_classes=num_classes)
+        emb_dim = 4 * ch
+        self.ch, self.num_classes, self.stop_at = ch, num_classes, None
+        self.temb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
+        self.stem = nn.Conv2d(in_channels, ch, 3, padding=1)
+        block = partial(ResBlock, emb_dim=emb_dim, dropout=dropout, skip_scale=skip_scale)
+        down, skips, cur, res, self.layers = [], [ch], ch, image_size, []
+        for i, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                down.append(block(cur, ch * mult, attn=res in attn_res))
+                cur = ch * mult
+                skips.append(cur)
+                self.layers.append((f"down.{len(down) - 1}", cur, res))
+            if i != len(ch_mult) - 1:
+                down.append(block(cur, cur, resample="down") if resblock_updown else Downsample(cur))
+                res //= 2
+                skips.append(cur)
+                self.layers.append((f"down.{len(down) - 1}", cur, res))
+        self.down = nn.ModuleList(down)
+        self.mid = MidBlock(cur, emb_dim, dropout, skip_scale)
+        self.layers.append(("mid", cur, res))
+        up = []
+        for i, mult in reversed(list(enumerate(ch_mult))):
+            for j in range(num_res_blocks + 1):
+                attn = res in attn_res and (j == num_res_blocks or not up_attn_last_only)
+                up.append(block(cur + skips.pop(), ch * mult, attn=attn))
+                up[-1].cat_skip = True
+                cur = ch * mult
+                self.layers.append((f"up.{len(up) - 1}", cur, res))
+            if i != 0:
+                up.append(block(cur, cur, resample="up") if resblock_updown else Upsample(cur))
+                res *= 2
+                self.layers.append((f"up.{len(up) - 1}", cur, res))
+        self.up = nn.ModuleList(up)
+        self.out_norm = Normalize(cur)
+        self.out_conv = nn.Conv2d(cur, in_channels, 3, padding=1)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DDPM's init: xavier-uniform weights, zero biases; the last conv of every res block, the attention
+        output and the output conv start at zero, so each block starts as its skip path."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                nn.init.zeros_(m.conv2.weight)
+            elif isinstance(m, AttnBlock):
+                nn.init.zeros_(m.proj_out.weight)
+        if getattr(self, "out_conv", None) is not None:
+            nn.init.zeros_(self.out_conv.weight)
+
+    def layer_names(self):
+        return [name for name, _, _ in self.layers]
+
+    def layer(self, name):
+        return self.get_submodule(name)
+
+    def embed(self, t, y=None):
+        emb = self.temb(timestep_embedding(t, self.ch))  # (N, 4ch)
+        if self.label_emb is not None:
+            if y is None:
+                y = torch.full((t.shape[0],), self.num_classes, dtype=torch.long, device=t.device)
+            emb = emb + self.label_emb(y)
+        return emb
+
+    def forward(self, x, t, y=None, stop_at=None):
+        stop_at = stop_at or self.stop_at
+        emb = self.embed(t, y)
+        h = self.stem(x)  # (N, ch, H, W)
+        hs = [h]
+        for i, m in enumerate(self.down):
+            h = m(h, emb)
+            hs.append(h)
+            if stop_at == f"down.{i}":
+                return h
+        h = self.mid(h, emb)  # (N, C_mid, H_min, W_min)
+        if stop_at == "mid":
+            return h
+        for i, m in enumerate(self.up):
+            h = m(torch.cat([h, hs.pop()], dim=1), emb) if getattr(m, "cat_skip", False) else m(h, emb)
+            if stop_at == f"up.{i}":
+                return h
+        return self.out_conv(F.silu(self.out_norm(h)))  # (N, C_in, H, W)
+
+    def truncated(self, name):
+        """A copy that ends at block `name` (its output, unpooled); the blocks after it are removed, so DDP
+        sees no unused parameters and fine-tuning touches only what the features depend on."""
+        if name not in self.layer_names():
+            raise UserError(f"--layer {name}: not a layer of this UNet (one of {', '.join(self.layer_names())})")
+        net = copy.deepcopy(self)
+        kind, _, idx = name.partition(".")
+        if kind == "down":
+            net.down = net.down[:int(idx) + 1]
+            net.mid = None
+        if kind != "up":
+            net.up = nn.ModuleList()
+        else:
+            net.up = net.up[:int(idx) + 1]
+        net.out_norm = net.out_conv = None
+        net.stop_at = name
+        net.layers = [layer for layer in self.layers[:self.layer_names().index(name) + 1]]
+        return net
+
+
+# presets; `tiny` is this project's CPU size (tests, the bare run)
+UNet_models = {
+    "ddpm": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1),  # 35.7M at 32x32
+    "ddpmpp": dict(ch=128, ch_mult=(2, 2, 2), num_res_blocks=4, attn_res=(16,), dropout=0.13,
+                   resblock_updown=True, skip_scale=math.sqrt(0.5), up_attn_last_only=True),  # EDM's CIFAR-10 DDPM++, 55.7M
+    "tiny": dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(8,), dropout=0.0),  # 0.28M at 32x32
+}
+
+
+class DiTBackbone(nn.Module):
+    """A DiT (repcond_dit.DiT, official parameter names) seen as a DDAE: forward(x, t, y=None) with the null
+    label when the DiT is class-conditional (the paper's unconditional use of DiT-XL/2), layers `blocks.i`
+    whose features are the tokens mean-pooled. A representation-conditioned repcond DiT is run without r."""
+    def __init__(self, dit):
+        super().__init__()
+        self.dit, self.stop_at = dit, None
+        self.layers = [(f"blocks.{i}", dit.hidden_size, dit.input_size // dit.patch_size) for i in range(len(dit.blocks))]
+
+    def layer_names(self):
+        return [name for name, _, _ in self.layers]
+
+    def layer(self, name):
+        return self.dit.get_submodule(name)
+
+    def initialize_weights(self):
+        d = self.dit
+        if d.final_layer is None:  # truncated: DiT's init also sets the output layer, so lend it a throwaway one
+            d.final_layer = FinalLayer(d.hidden_size, d.patch_size, d.out_channels).to(d.pos_embed.device)
+            d.initialize_weights()
+            d.final_layer = None
+        else:
+            d.initialize_weights()
+
+    def forward(self, x, t, y=None, stop_at=None):
+        stop_at, d = stop_at or self.stop_at, self.dit
+        h = d.x_embedder(x) + d.pos_embed  # (N, T, D)
+        c = d.t_embedder(t)  # (N, D)
+        if d.num_classes > 0:
+            c = c + d.y_embedder(y if y is not None else torch.full((x.shape[0],), d.num_classes, dtype=torch.long, device=x.device))
+        for i, block in enumerate(d.blocks):
+            h = block(h, c)
+            if stop_at == f"blocks.{i}":
+                return h
+        return unpatchify(d.final_layer(h, c), d.patch_size, d.out_channels)[:, :d.in_channels]
+
+    def truncated(self, name):
+        if name not in self.layer_names():
+            raise UserError(f"--layer {name}: not a layer of this DiT (blocks.0 .. blocks.{len(self.layers) - 1})")
+        net = copy.deepcopy(self)
+        k = int(name.split(".")[1])
+        net.dit.blocks = net.dit.blocks[:k + 1]
+        net.dit.final_layer = None
+        net.stop_at, net.layers = name, self.layers[:k + 1]
+        return net
+
+
+# ----------------------------------------------------------------------------------------------
+# Diffusion: DDPM (VP, eps-prediction) and EDM (VE, preconditioned), losses, samplers, and the map
+# from a noise level to the network's input (what the probes feed the network)
+
+
+class DDPMObjective:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, linear betas over T steps; the network predicts eps.
+
+    Levels are 0-based integer timesteps: t indexes the schedule, t = 0 is one step of noise (beta_1), so the
+    paper's t (counted from 1 as in DDPM) is ours + 1. The network is conditioned on t itself."""
+    kind = "ddpm"
+
+    def __init__(self, T=1000, beta_range=(1e-4, 0.02), device="cpu"):
+        self.T, self.beta_range = T, tuple(beta_range)
+        self.diffusion = Diffusion(T, beta_range[0], beta_range[1], device=device)
+
+    def loss(self, net, x0, step, seed, dist, y=None, class_dropout=0.0, null_label=0):
+        g, n = step_generator(seed, step, x0.device), x0.shape[0]
+        t = draw_global(g, "randint", n, dist, high=self.T)
+        eps = draw_global(g, "randn", n, dist, *x0.shape[1:])
+        drop = draw_global(g, "rand", n, dist) < class_dropout
+        if y is not None and class_dropout > 0:
+            y = torch.where(drop, torch.full_like(y, null_label), y)
+        out = net(self.diffusion.q_sample(x0, t, eps).to(memory_format=_mem_format(x0)), t.float(), y)
+        return F.mse_loss(out.float(), eps)
+
+    def net_input(self, x0, level, eps=None):
+        """(network input, conditioning) for images x0 noised to `level` (N,); eps=None: no noise (fine-tuning)."""
+        t = level.long()
+        x = self.diffusion.gamma[t].view(-1, 1, 1, 1) * x0
+        if eps is not None:
+            x = x + self.diffusion.delta[t].view(-1, 1, 1, 1) * eps
+        return x, t.float()
+
+    def random_levels(self, g, n, dist):
+        return draw_global(g, "randint", n, dist, high=self.T)
+
+    def tau_input(self, level):
+        """The noise-conditional classifier's timestep coordinate, in [0, 1000) for both objectives."""
+        return level.float() * (1000.0 / self.T)
+
+    def check_levels(self, levels):
+        bad = [t for t in levels if t != int(t) or not 0 <= t < self.T]
+        if bad:
+            raise UserError(f"--t {bad}: ddpm timesteps must be integers in [0, {self.T - 1}]")
+        return [int(t) for t in levels]
+
+    def default_levels(self):
+        """The paper's DDPM optimum t = 11 (of 1000) and a sweep around it, scaled to T."""
+        return sorted({min(self.T - 1, int(round(f * self.T))) for f in (0.0, 0.011, 0.025, 0.05, 0.1, 0.2, 0.4)})
+
+    @torch.no_grad()
+    def sample(self, net, shape, generator, steps=None, y=None, method="ddpm"):
+        eps_fn = lambda x, t: net(x, t.float(), y).float()  # noqa: E731
+        return sample_loop(eps_fn, shape, self.diffusion, steps or self.T, method, generator.device, generator, clip=1.0)
+
+
+class EDMObjective:
+    """EDM (Karras et al. 2022): x = x0 + sigma * eps, D(x; sigma) = c_skip x + c_out F(c_in x, c_noise), trained
+    with log-normal sigma (P_mean, P_std) and the loss weight (sigma^2 + sd^2) / (sigma sd)^2.
+
+    Levels are sigma itself (floats). The network is fed c_in(sigma) * x and conditioned on c_noise = ln(sigma) / 4,
+    so a probe "at t = 0.06" means sigma = 0.06. The VP equivalent of sigma is abar = 1 / (1 + sigma^2)."""
+    kind = "edm"
+
+    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
+        self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
+
+    def precond(self, sigma):
+        sd = self.sigma_data
+        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
+        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
+        return c_skip, c_out, c_in, sigma.log() / 4
+
+    def denoise(self, net, x, sigma, y=None):
+        """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise): the denoised image. sigma: (N,)"""
+        c_skip, c_out, c_in, c_noise = self.precond(sigma.float())
+        c_skip, c_out, c_in = (c.view(-1, 1, 1, 1) for c in (c_skip, c_out, c_in))
+        return c_skip * x + c_out * net(c_in * x, c_noise, y).float()
+
+    def loss(self, net, x0, step, seed, dist, y=None, class_dropout=0.0, null_label=0):
+        g, n = step_generator(seed, step, x0.device), x0.shape[0]
+        sigma = (draw_global(g, "randn", n, dist) * self.P_std + self.P_mean).exp()
+        eps = draw_global(g, "randn", n, dist, *x0.shape[1:])
+        drop = draw_global(g, "rand", n, dist) < class_dropout
+        if y is not None and class_dropout > 0:
+            y = torch.where(drop, torch.full_like(y, null_label), y)
+        weight = ((sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2).view(-1, 1, 1, 1)
+        D = self.denoise(net, (x0 + sigma.view(-1, 1, 1, 1) * eps).to(memory_format=_mem_format(x0)), sigma, y)
+        return (weight * (D - x0) ** 2).mean()
+
+    def net_input(self, x0, level, eps=None):
+        sigma = level.float()
+        _, _, c_in, c_noise = self.precond(sigma)
+        x = x0 if eps is None else x0 + sigma.view(-1, 1, 1, 1) * eps
+        return c_in.view(-1, 1, 1, 1) * x, c_noise
+
+    def random_levels(self, g, n, dist):
+        """Log-uniform over [sigma_min, sigma_max]: every level the sampler visits (noise-conditional classifier)."""
+        u = draw_global(g, "rand", n, dist)
+        return (math.log(self.sigma_min) + u * (math.log(self.sigma_max) - math.log(self.sigma_min))).exp()
+
+    def tau_input(self, level):
+        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        return (level.float().log() - lo) / (hi - lo) * 1000.0
+
+    def check_levels(self, levels):
+        bad = [s for s in levels if not s > 0]
+        if bad:
+            raise UserError(f"--t {bad}: edm levels are noise levels sigma > 0")
+        return [float(s) for s in levels]
+
+    def default_levels(self):
+        """Around the paper's EDM optimum sigma ~ 0.06."""
+        return [0.002, 0.01, 0.03, 0.06, 0.1, 0.2, 0.5, 1.0]
+
+    @torch.no_grad()
+    def sample(self, net, shape, generator, steps=None, y=None, method="heun"):
+        """EDM's deterministic Heun sampler (Algorithm 1): `steps` (18) levels, 2 * steps - 1 evaluations."""
+        steps, device = steps or 18, generator.device
+        i = torch.arange(steps, dtype=torch.float64, device=device)
+        lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
+        s = (hi + i / (steps - 1) * (lo - hi)) ** self.rho  # EDM's time steps, sigma_max -> sigma_min
+        s = torch.cat([s, torch.zeros(1, dtype=torch.float64, device=device)])
+        x = torch.randn(shape, generator=generator, device=device, dtype=torch.float64) * s[0]
+        for k in range(steps):
+            s_cur, s_next = s[k], s[k + 1]
+            d = (x - self.denoise(net, x.float(), s_cur.float().expand(shape[0]), y).double()) / s_cur
+            x_next = x + (s_next - s_cur) * d
+            if k < steps - 1:
+                d2 = (x_next - self.denoise(net, x_next.float(), s_next.float().expand(shape[0]), y).double()) / s_next
+                x_next = x + (s_next - s_cur) * (0.5 * d + 0.5 * d2)
+            x = x_next
+        return x.float().clamp(-1, 1)
+
+
+def make_objective(cfg, device="cpu"):
+    if cfg["objective"] == "edm":
+        return EDMObjective(**cfg.get("edm", {}))
+    return DDPMObjective(cfg.get("T", 1000), cfg.get("beta_range", (1e-4, 0.02)), device=device)
+
+
+def _mem_format(x):
+    return torch.channels_last if x.is_cuda and x.dim() == 4 else torch.contiguous_format
+
+
+@torch.no_grad()
+def eval_loss(net, obj, space, ds, device, n=256, batch_size=128, seed=0):
+    """Held-out training loss with (t, eps) fixed per batch: comparable across checkpoints of one run."""
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    total, count = 0.0, 0
+    one = _OneProcess(device)
+    for b, (x, _, _) in enumerate(data.iterate(ds.subset(idx), batch_size, device)):
+        total += obj.loss(net, space.encode(x, generator=False), b, seed + 12345, one).item() * len(x)
+        count += len(x)
+    return total / max(count, 1)
+
+
+class _OneProcess:
+    """The `dist` of a single process (draw_global's view of a local computation)."""
+    def __init__(self, device):
+        self.rank, self.world_size, self.device, self.is_main = 0, 1, torch.device(device), True
+
+
+# ----------------------------------------------------------------------------------------------
+# Features: forward hooks on every block, global average pooling, one forward per noise level for
+# all layers at once; augmented views; the cache
+
+
+def _pool(h):
+    """Global average pooling: (N, C, H, W) -> (N, C); DiT tokens (N, T, D) -> (N, D)."""
+    return h.float().mean(dim=(2, 3)) if h.dim() == 4 else h.float().mean(dim=1)
+
+
+class LayerTap:
+    """Forward hooks that keep the pooled output of the named blocks of the last forward: feats[name] (N, C)."""
+    def __init__(self, net, names):
+        self.feats = {}
+        self.handles = [net.layer(name).register_forward_hook(partial(self._keep, name)) for name in names]
+
+    def _keep(self, name, module, inputs, output):
+        self.feats[name] = _pool(output)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def noise_seed(seed, level, view):
+    """The seed of the noise (and augmentation) of one (level, view) pass; batch b then uses step_generator(s, b)."""
+    return (seed * 1_000_003 + view * 104_729 + int(round(float(level) * 1000))) % (2 ** 62)
+
+
+def augment(x, g, padding=4):
+    """Random crop with reflect padding + horizontal flip (data.crop_flip, as data.Loader), drawn from g."""
+    shift = torch.randint(0, 2 * padding + 1, (x.shape[0], 2), generator=g, device=g.device).to(x.device)
+    flip = (torch.rand(x.shape[0], generator=g, device=g.device) < 0.5).to(x.device)
+    return data.crop_flip(x, shift, flip, padding)
+
+
+def _views(space, ds, seed, level, view, dist, batch_size):
+    """Yield (z0, g, idx) over ds in order (sharded by rank): view 0 is the data as is, view v > 0 a random
+    crop + flip (images) or the flipped-image latents for a random half (latents files), drawn from (seed, v)."""
+    for x, _, idx in data.iterate(ds, batch_size, dist.device, rank=dist.rank, world_size=dist.world_size):
+        g = step_generator(noise_seed(seed, level, view), int(idx[0]), dist.device)
+        if view > 0:
+            if ds.latents is not None:
+                flip = (torch.rand(len(idx), generator=g, device=g.device) < 0.5).view(-1, 1, 1, 1)
+                xf = ds.latents["mean_flip"][idx.cpu()].float().to(dist.device) * ds.scaling_factor
+                x = torch.where(flip.to(x.device), xf, x)
+            else:
+                x = augment(x, g)
+        yield space.encode(x, generator=False), g, idx.to(dist.device)
+
+
+@torch.no_grad()
+def extract_features(net, obj, space, ds, level, layers, seed, dist, batch_size=256, view=0, amp="none"):
+    """{layer: (N, C_layer)} pooled features of every requested layer at ONE noise level, all from the same
+    forward pass per batch (hooks). Each image gets its own eps from (seed, level, view, batch); the forward
+    stops after the deepest requested layer."""
+    order = net.layer_names()
+    stop = max(layers, key=order.index)
+    rows, idxs = {name: [] for name in layers}, []
+    with LayerTap(net, layers) as tap:
+        for z0, g, idx in _views(space, ds, seed, level, view, dist, batch_size):
+            eps = torch.randn(z0.shape, generator=g, device=g.device).to(z0.device)
+            lv = torch.full((len(z0),), float(level), device=z0.device)
+            x_in, cond = obj.net_input(z0, lv, eps)
+            with autocast(amp, dist.device):
+                net(x_in.to(memory_format=_mem_format(x_in)), cond, stop_at=stop)
+            for name in layers:
+                rows[name].append(tap.feats[name])
+            idxs.append(idx)
+    idx = torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.long, device=dist.device)
+    channels = {name: c for name, c, _ in net.layers}
+    return {name: gather_by_index(torch.cat(rows[name]) if rows[name] else torch.zeros(0, channels[name], device=dist.device),
+                                  idx, len(ds), dist) for name in layers}
+
+
+@torch.no_grad()
+def extract_pixels(space, ds, seed, dist, batch_size=256, view=0):
+    """(N, C*H*W) the raw model input (pixels, or latents) of one view: the raw-pixel baseline's features."""
+    rows, idxs = [], []
+    for z0, _, idx in _views(space, ds, seed, 0, view, dist, batch_size):
+        rows.append(z0.float().flatten(1))
+        idxs.append(idx)
+    return gather_by_index(torch.cat(rows), torch.cat(idxs), len(ds), dist)
+
+
+class FeatureCache:
+    """Features of (split, level, view). Without a folder they live in memory only while their level's heads
+    train (run_grid holds one level at a time); with a folder, one safetensors file per (split, level, view)
+    holds every layer and is reused when its metadata `key` (checkpoint, data, seed, layers, ...) matches."""
+    def __init__(self, folder, key):
+        self.folder, self.key = folder, key
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+
+    def _path(self, split, level, view):
+        return os.path.join(self.folder, f"{split}_t{level:g}_v{view}.safetensors")
+
+    def get(self, split, level, view, compute):
+        if not self.folder:
+            return compute()
+        path = self._path(split, level, view)
+        if os.path.exists(path):
+            with safe_open(path, "pt") as f:
+                if (f.metadata() or {}).get("key") == self.key:
+                    return {name: f.get_tensor(name) for name in f.keys()}
+        feats = compute()
+        save_file({n: v.contiguous().cpu() for n, v in feats.items()}, path + ".tmp", metadata={"key": self.key})
+        os.replace(path + ".tmp", path)
+        return feats
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear probes: many heads trained together in one batched matmul
+
+
+def _standardize_and_pad(train_views, test, d_max):
+    """Per head: standardize with the first view's train statistics, zero-pad to d_max. Lists of (N, D_h) ->
+    (H, N, d_max) tensors (padded dimensions stay exactly zero, so their weights never move)."""
+    def pad(x):
+        return F.pad(x, (0, d_max - x.shape[1]))
+    out_train, out_test = [[] for _ in train_views], []
+    for h in range(len(test)):
+        mu = train_views[0][h].mean(0, keepdim=True)
+        sd = train_views[0][h].std(0, keepdim=True) + 1e-6
+        for v in range(len(train_views)):
+            out_train[v].append(pad((train_views[v][h] - mu) / sd))
+        out_test.append(pad((test[h] - mu) / sd))
+    return [torch.stack(v) for v in out_train], torch.stack(out_test)
+
+
+def train_linear_heads(train_views, train_y, test_feats, test_y, num_classes, epochs=15, lr=1e-3, batch_size=128,
+                       seed=0, weight_decay=0.0):
+    """The paper's linear probe for H heads at once. train_views: a list over cached views of lists over heads of
+    (N, D_h) features; test_feats: a list over heads of (M, D_h). Adam, cosine schedule to 0, `epochs` epochs of
+    minibatches; epoch e reads view e % V. All heads see the same minibatches; their losses are summed and
+    Adam is element-wise, so each head trains exactly as it would alone. -> (H,) test accuracies."""
+    H = len(test_feats)
+    d_max = max(x.shape[1] for x in test_feats)
+    X, Xt = _standardize_and_pad(train_views, test_feats, d_max)  # V x (H, N, D), (H, M, D)
+    N, device = X[0].shape[1], X[0].device
+    W = torch.zeros(H, d_max, num_classes, device=device, requires_grad=True)
+    b = torch.zeros(H, 1, num_classes, device=device, requires_grad=True)
+    opt = torch.optim.Adam([W, b], lr=lr, weight_decay=weight_decay)
+    per_epoch = math.ceil(N / batch_size)
+    total, step = epochs * per_epoch, 0
+    with torch.enable_grad():
+        for epoch in range(epochs):
+            perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).to(device)
+            Xv = X[epoch % len(X)]
+            for s in range(0, N, batch_size):
+                idx = perm[s:s + batch_size]
+                for group in opt.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                logits = torch.baddbmm(b, Xv[:, idx], W)  # (H, B, C)
+                loss = F.cross_entropy(logits.flatten(0, 1), train_y[idx].repeat(H), reduction="none").view(H, -1).mean(1).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+    with torch.no_grad():
+        correct = torch.zeros(H, device=device)
+        for s in range(0, Xt.shape[1], 4096):
+            pred = torch.baddbmm(b, Xt[:, s:s + 4096], W).argmax(-1)  # (H, B)
+            correct += (pred == test_y[s:s + 4096]).float().sum(1)
+        return (correct / Xt.shape[1]).cpu()
+
+
+def spearman(a, b):
+    """Spearman rank correlation (ties get their mean rank); None when either side is constant."""
+    def rank(x):
+        x = np.asarray(x, dtype=np.float64)
+        r = np.empty(len(x))
+        r[x.argsort(kind="stable")] = np.arange(len(x))
+        for v in np.unique(x):
+            r[x == v] = r[x == v].mean()
+        return r
+    if len(a) < 2:
+        return None
+    ra, rb = rank(a), rank(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+
+
+def _defaults(args, dist):
+    if getattr(args, "compile", None) is None:
+        args.compile = dist.device.type == "cuda"
+
+
+def _seed_step(seed, step, dist):
+    """Seed the global RNG per step (dropout masks, VAE posterior samples): a pure function of (seed, step,
+    rank), so a resumed run draws the same masks as an uninterrupted one."""
+    torch.manual_seed(((seed * 1_000_003 + step) * max(1, dist.world_size) + dist.rank) % (2 ** 62))
+
+
+def pretrain(args):
+    """Unconditional (or --class-cond) diffusion training of a UNet preset with `fit` (EMA, AMP, compile, DDP,
+    resume, checkpoints). --snapshot-every K also keeps a copy OUT_DIR/ckpt_STEP every K steps (for --ckpts)."""
+    dist = setup_distributed(args.device)
+    _defaults(args, dist)
+    if args.ema_decay is None:
+        args.ema_decay = 0.9993 if args.objective == "edm" else 0.9999
+    torch.manual_seed(args.seed * dist.world_size + dist.rank)
+    ds = data.load(args.data, "train", args.image_size)
+    space = Space(ds, args.vae_path, dist.device, resolve_amp(args.amp, dist.device))
+    C, H, W = space.sample_shape
+    div = 2 ** (len(UNet_models[args.model]["ch_mult"]) - 1)
+    if H != W or H % div:
+        raise UserError(f"--model {args.model}: needs square inputs whose side is divisible by {div}, got {H}x{W}")
+    K = len(ds.classes) if args.class_cond else 0
+    if args.class_cond and (ds.labels is None or K == 0):
+        raise UserError(f"--class-cond: --data {args.data} has no labels")
+    unet = dict(UNet_models[args.model], in_channels=C, image_size=H, num_classes=K)
+    if args.dropout is not None:
+        unet["dropout"] = args.dropout
+    if args.ch is not None:
+        unet["ch"] = args.ch
+    if len(args.beta_range) != 2 or not 0 < args.beta_range[0] < args.beta_range[1] < 1:
+        raise UserError(f"--beta-range {args.beta_range}: expected two numbers 0 < beta_min < beta_max < 1")
+    cfg = dict(stage="pretrain", arch="unet", model=args.model, unet=_unet_config(unet),
+               objective=args.objective, T=args.T, beta_range=list(args.beta_range), edm=dict(P_mean=args.p_mean, P_std=args.p_std),
+               sample_shape=[C, H, W], num_classes=K, class_dropout=args.class_dropout if K else 0.0, data=args.data,
+               image_size=args.image_size, vae_path=args.vae_path, scaling_factor=space.scaling_factor, classes=ds.classes,
+               amp=args.amp, args=vars(args))
+    model = UNet(**unet)
+    if dist.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    obj = make_objective(cfg, dist.device)
+    loader = data.Loader(ds, args.batch_size, dist.device, seed=args.seed, augment=not args.no_augment,
+                         crop_padding=args.crop_padding, flip=True, rank=dist.rank, world_size=dist.world_size)
+
+    def loss_fn(net, x, y, step):
+        _seed_step(args.seed, step, dist)
+        return obj.loss(net, space.encode(x), step, args.seed, dist, y=y if K else None, class_dropout=cfg["class_dropout"], null_label=K)
+
+    t0 = time.time()
+    done = (_ckpt_step(os.path.join(args.out_dir, "ckpt")) or 0) if args.resume else 0
+    ends = [e for e in range(args.snapshot_every, args.steps, args.snapshot_every) if e > done] if args.snapshot_every else []
+    ends.append(args.steps)
+    for end in ends:  # with --snapshot-every: one fit per snapshot, each resuming the last (resume is exact)
+        chunk = argparse.Namespace(**dict(vars(args), steps=end, resume=args.resume or end != ends[0]))
+        model, ema = fit(model, loss_fn, loader, chunk, dist, args.out_dir, cfg)
+        if args.snapshot_every and dist.is_main:
+            snap = os.path.join(args.out_dir, f"ckpt_{end:07d}")
+            shutil.rmtree(snap, ignore_errors=True)
+            shutil.copytree(os.path.join(args.out_dir, "ckpt"), snap)
+    seconds = time.time() - t0
+    test = data.load(args.data, "test", args.image_size)
+    loss = eval_loss(ema.eval(), obj, space, test, dist.device, seed=args.seed)
+    metrics = {"eval_loss": loss, "objective": args.objective, "model": args.model, "steps": args.steps,
+               "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "train_s": seconds}
+    RunLog(args.out_dir, dist).metrics(metrics)
+    if dist.is_main:
+        print(f"pretrain done: held-out {args.objective} loss {loss:.4g} (EMA weights), {seconds:.0f} s")
+    return metrics
+
+
+def _unet_config(kw):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
+
+
+def load_backbone(args, dist):
+    """--ckpt (a ddae_probe pretrain folder or a repcond_dit DiT folder) or --dit-path (official DiT .pt)
+    -> (frozen net in eval mode, objective, Space, train set, test set, config)."""
+    device = dist.device
+    if getattr(args, "dit_path", None):
+        net = DiTBackbone(load_dit(args.dit_path, device))
+        cfg = dict(arch="dit", objective="ddpm", T=1000, beta_range=[1e-4, 0.02], data=None, image_size=None, vae_path=None)
+        ident = args.dit_path
+    elif getattr(args, "ckpt", None):
+        d = find_checkpoint(args.ckpt)
+        cfg = load_json(os.path.join(d, "config.json"))
+        if cfg.get("arch") == "unet":
+            net = load_weights(d, UNet(**cfg["unet"]))
+        elif cfg.get("model") in DiT_models:  # a repcond_dit checkpoint: its denoiser, DDPM with its T
+            from repcond_dit import build_model
+            net = DiTBackbone(load_weights(d, build_model(cfg)).denoiser)
+            cfg = dict(cfg, arch="dit", objective="ddpm", beta_range=[1e-4, 0.02])
+        else:
+            raise UserError(f"{d}/config.json: neither a ddae_probe nor a repcond_dit checkpoint")
+        ident = os.path.join(d, "ema.safetensors")
+    else:
+        raise UserError("pass --ckpt CKPT_DIR (a pretrain run's OUT_DIR/ckpt) or --dit-path DiT.pt")
+    net = net.to(device).eval().requires_grad_(False)
+    if device.type == "cuda" and isinstance(net, UNet):
+        net = net.to(memory_format=torch.channels_last)
+    spec = args.data or cfg.get("data")
+    if spec is None:
+        raise UserError("--dit-path needs --data (a latents .safetensors, or images with --vae-path)")
+    image_size = args.image_size or cfg.get("image_size")
+    train = data.load(spec, "train", image_size)
+    if train.latents is not None and not args.test_data:
+        raise UserError(f"--data {spec} is a latents file (one split): pass the test split's file with --test-data")
+    test = data.load(args.test_data or spec, "test", image_size)
+    space = Space(train, args.vae_path or cfg.get("vae_path"), device, resolve_amp(args.amp, device))
+    want = tuple(cfg["sample_shape"]) if isinstance(net, UNet) else \
+        (net.dit.in_channels, net.dit.input_size, net.dit.input_size)
+    if tuple(space.sample_shape) != want:
+        raise UserError(f"--data {spec}: model inputs are {tuple(space.sample_shape)}, the network takes {want} "
+                        f"(--image-size / --vae-path)")
+    cfg["ident"] = f"{ident}:{os.path.getmtime(ident) if os.path.exists(ident) else 0}"
+    return net, make_objective(cfg, device), space, train, test, cfg
+
+
+def _labeled_sets(args, train, test):
+    if train.labels is None or test.labels is None or not train.classes:
+        raise UserError(f"--data {args.data}: the probes need labeled train and test splits")
+    if args.labels_per_class:
+        train = data.labeled_subset(train, labels_per_class=args.labels_per_class, seed=args.seed)
+    if args.n_test and args.n_test < len(test):
+        test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[:args.n_test])
+    return train, test
+
+
+def _check_layers(net, layers):
+    names = net.layer_names()
+    bad = [n for n in layers or [] if n not in names]
+    if bad:
+        raise UserError(f"--layers {bad}: not layers of this network (one of {', '.join(names)})")
+    return sorted(layers, key=names.index) if layers else names
+
+
+TEST_SEED = 500_009  # the test split's noise is drawn from seed + TEST_SEED (never the train images' eps)
+
+
+def run_grid(net, obj, space, train, test, layers, levels, args, dist, cache=None):
+    """Linear-probe accuracy of every (layer, level) cell: per level ONE extraction pass per view for all layers,
+    then all the layers' heads trained together (train_linear_heads). -> (accuracy (L, T), timings)."""
+    amp = resolve_amp(args.amp, dist.device)
+    cache = cache or FeatureCache(None, "")
+    ytr, yte = train.labels.to(dist.device), test.labels.to(dist.device)
+    acc, t_ext, t_heads = np.zeros((len(layers), len(levels))), 0.0, 0.0
+    for j, level in enumerate(levels):
+        t0 = time.time()
+        tr = [cache.get("train", level, v, partial(extract_features, net, obj, space, train, level, layers, args.seed, dist,
+                                                   args.batch_size, v, amp)) for v in range(args.views)]
+        te = cache.get("test", level, 0, partial(extract_features, net, obj, space, test, level, layers, args.seed + TEST_SEED,
+                                                 dist, args.batch_size, 0, amp))
+        t1 = time.time()
+        acc[:, j] = train_linear_heads([[f[n].to(dist.device) for n in layers] for f in tr], ytr, [te[n].to(dist.device) for n in layers],
+                                       yte, len(train.classes), args.probe_epochs, args.probe_lr, args.probe_batch_size, args.seed).numpy()
+        t_ext, t_heads = t_ext + t1 - t0, t_heads + time.time() - t1
+    return acc, {"extract_s": t_ext, "heads_s": t_heads}
+
+
+def raw_pixel_probe(space, train, test, args, dist):
+    """The same protocol (views, epochs, optimizer) on the raw model input: pixels (or latents) flattened."""
+    tr = [extract_pixels(space, train, args.seed, dist, args.batch_size, v) for v in range(args.views)]
+    te = extract_pixels(space, test, args.seed + TEST_SEED, dist, args.batch_size, 0)
+    return float(train_linear_heads([[x] for x in tr], train.labels.to(dist.device), [te], test.labels.to(dist.device),
+                                    len(train.classes), args.probe_epochs, args.probe_lr, args.probe_batch_size, args.seed)[0])
+
+
+def _cache_for(args, cfg, train, test, layers):
+    key = repr(dict(ident=cfg["ident"], data=args.data or cfg.get("data"), image_size=args.image_size, n_train=len(train),
+                    n_test=len(test), test_data=args.test_data, seed=args.seed, layers=layers, batch_size=args.batch_size, amp=args.amp,
+                    lpc=args.labels_per_class))
+    return FeatureCache(args.cache_dir, key)
+
+
+def probe(args):
+    """The layer x timestep grid of linear probes, the raw-pixel baseline, grid JSON/CSV/heatmap and the best cell."""
+    dist = setup_distributed(args.device)
+    net, obj, space, train, test, cfg = load_backbone(args, dist)
+    train, test = _labeled_sets(args, train, test)
+    layers = _check_layers(net, args.layers)
+    levels = obj.check_levels(args.t) if args.t else obj.default_levels()
+    if args.views < 1 or args.probe_epochs < 1:
+        raise UserError("--views and --probe-epochs must be at least 1")
+    t0 = time.time()
+    acc, timing = run_grid(net, obj, space, train, test, layers, levels, args, dist, _cache_for(args, cfg, train, test, layers))
+    grid_s = time.time() - t0
+    raw = raw_pixel_probe(space, train, test, args, dist) if not args.no_raw_pixel else None
+    i, j = np.unravel_index(np.argmax(acc), acc.shape)  # first maximum: the earliest layer, then the lowest t
+    K = len(train.classes)
+    metrics = {"probe_best_acc": float(acc[i, j]), "probe_best_layer": layers[i], "probe_best_t": levels[j],
+               "raw_pixel_acc": raw, "chance": 1.0 / K, "objective": obj.kind, "t_means": "sigma" if obj.kind == "edm" else "timestep",
+               "n_train": len(train), "n_test": len(test), "views": args.views, "probe_epochs": args.probe_epochs,
+               "layers": layers, "t": levels, "grid_s": grid_s, **timing}
+    if dist.is_main:
+        os.makedirs(args.out_dir, exist_ok=True)
+        RunLog(args.out_dir, dist, dict(stage="probe", ckpt=args.ckpt or args.dit_path, args=vars(args))).metrics(metrics)
+        save_json(os.path.join(args.out_dir, "grid.json"), {"layers": layers, "t": levels, "t_means": metrics["t_means"],
+                                                            "accuracy": acc.tolist(), "raw_pixel_acc": raw, "chance": 1.0 / K,
+                                                            "best": {"layer": layers[i], "t": levels[j], "accuracy": float(acc[i, j])}})
+        with open(os.path.join(args.out_dir, "grid.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["layer"] + [f"{t:g}" for t in levels])
+            for name, row in zip(layers, acc):
+                w.writerow([name] + [f"{a:.4f}" for a in row])
+        save_heatmap(acc, os.path.join(args.out_dir, "heatmap.png"), layers, [f"{t:g}" for t in levels],
+                     title=f"probe acc: layer x {'sigma' if obj.kind == 'edm' else 't'}")
+        print(f"probe: best {acc[i, j]:.4f} at layer {layers[i]}, {metrics['t_means']} {levels[j]:g} | raw pixels "
+              f"{'-' if raw is None else f'{raw:.4f}'} | chance {1 / K:.4f} | grid {grid_s:.1f} s "
+              f"({timing['extract_s']:.1f} s features, {timing['heads_s']:.1f} s heads)")
+    return metrics
+
+
+def _cell_from_args(args, net, obj, need_t=True):
+    """(layer, level) from --layer/--t, else the best cell of --grid GRID.json."""
+    layer, level = args.layer, getattr(args, "t", None) if need_t else None
+    if args.grid:
+        best = load_json(args.grid).get("best", {})
+        layer = layer or best.get("layer")
+        level = level if level is not None or not need_t else best.get("t")
+    if layer is None or (need_t and level is None):
+        raise UserError(f"pass --layer NAME{' and --t LEVEL' if need_t else ''} or --grid GRID.json (a probe run's grid.json); "
+                        f"layers: {', '.join(net.layer_names())}")
+    _check_layers(net, [layer])
+    return layer, obj.check_levels([level])[0] if need_t else None
+
+
+def align(args):
+    """Label-free alignment (eq. 3) and uniformity (eq. 4) of every layer's L2-normalised features at each t:
+    two independent noisings of the same training image are the positive pair. With --grid, the Spearman rank
+    correlation of each metric with the probe accuracy over the grid's cells (negative: lower loss, higher acc)."""
+    dist = setup_distributed(args.device)
+    net, obj, space, train, _, cfg = load_backbone(args, dist)
+    if args.n and args.n < len(train):
+        train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.n])
+    grid = load_json(args.grid) if args.grid else None
+    layers = _check_layers(net, args.layers or (grid["layers"] if grid else None))
+    levels = obj.check_levels(args.t or (grid["t"] if grid else obj.default_levels()))
+    amp = resolve_amp(args.amp, dist.device)
+    A, U = np.zeros((len(layers), len(levels))), np.zeros((len(layers), len(levels)))
+    for j, level in enumerate(levels):
+        f1 = extract_features(net, obj, space, train, level, layers, args.seed, dist, args.batch_size, 0, amp)
+        f2 = extract_features(net, obj, space, train, level, layers, args.seed + 1, dist, args.batch_size, 0, amp)
+        for i, name in enumerate(layers):
+            a, b = F.normalize(f1[name].double(), dim=1), F.normalize(f2[name].double(), dim=1)
+            A[i, j] = (a - b).pow(2).sum(1).mean().item()  # alpha = 2
+            U[i, j] = torch.pdist(a).pow(2).mul(-2).exp().mean().log().item()  # t = 2
+    out = {"layers": layers, "t": levels, "alignment": A.tolist(), "uniformity": U.tolist(), "n": len(train)}
+    metrics = {"n": len(train), "layers": layers, "t": levels}
+    if grid:
+        acc = np.array(grid["accuracy"])
+        cells = [(i, j, grid["layers"].index(n), grid["t"].index(t)) for i, n in enumerate(layers) for j, t in enumerate(levels)
+                 if n in grid["layers"] and t in grid["t"]]
+        if not cells:
+            raise UserError(f"--grid {args.grid}: no cell of that grid matches these layers and t")
+        pa = [acc[gi, gj] for _, _, gi, gj in cells]
+        metrics["spearman_alignment"] = spearman([A[i, j] for i, j, _, _ in cells], pa)
+        metrics["spearman_uniformity"] = spearman([U[i, j] for i, j, _, _ in cells], pa)
+        metrics["spearman_align_plus_uniform"] = spearman([A[i, j] + U[i, j] for i, j, _, _ in cells], pa)
+        per_t = {}
+        for j, t in enumerate(levels):
+            cj = [c for c in cells if c[1] == j]
+            if len(cj) > 1:
+                pa_j = [acc[gi, gj] for _, _, gi, gj in cj]
+                per_t[f"{t:g}"] = {"alignment": spearman([A[i, jj] for i, jj, _, _ in cj], pa_j),
+                                   "uniformity": spearman([U[i, jj] for i, jj, _, _ in cj], pa_j),
+                                   "metric_best_layer": layers[min(cj, key=lambda c: A[c[0], j] + U[c[0], j])[0]],
+                                   "probe_best_layer": grid["layers"][max(cj, key=lambda c: acc[c[2], c[3]])[2]]}
+        metrics["spearman_per_t"] = per_t
+        out.update({k: metrics[k] for k in ("spearman_alignment", "spearman_uniformity", "spearman_align_plus_uniform", "spearman_per_t")})
+    if dist.is_main:
+        os.makedirs(args.out_dir, exist_ok=True)
+        RunLog(args.out_dir, dist, dict(stage="align", args=vars(args))).metrics(metrics)
+        save_json(os.path.join(args.out_dir, "align.json"), out)
+        tl = [f"{t:g}" for t in levels]
+        save_heatmap(A, os.path.join(args.out_dir, "alignment.png"), layers, tl, title="alignment (lower: better)")
+        save_heatmap(U, os.path.join(args.out_dir, "uniformity.png"), layers, tl, title="uniformity (lower: better)")
+        if grid:
+            print(f"align: Spearman vs probe accuracy: alignment {metrics['spearman_alignment']}, uniformity "
+                  f"{metrics['spearman_uniformity']}, sum {metrics['spearman_align_plus_uniform']}")
+    return metrics
+
+
+class TruncatedClassifier(nn.Module):
+    """The DDAE truncated at one block, a fixed noise level and a clean (noise-free) input, global average
+    pooling and a linear head: the paper's fine-tuning encoder."""
+    def __init__(self, trunk, obj, level, num_classes):
+        super().__init__()
+        self.trunk, self.obj, self.level = trunk, obj, float(level)
+        self.head = nn.Linear(trunk.layers[-1][1], num_classes)
+
+    def forward(self, x):
+        x_in, cond = self.obj.net_input(x, torch.full((x.shape[0],), self.level, device=x.device))
+        return self.head(_pool(self.trunk(x_in.to(memory_format=_mem_format(x_in)), cond)))  # (N, K)
+
+
+@torch.no_grad()
+def classify_accuracy(model, space, ds, dist, batch_size=256, amp="none"):
+    model.eval()
+    correct, n = torch.zeros((), device=dist.device), 0
+    for x, y, _ in data.iterate(ds, batch_size, dist.device):
+        with autocast(amp, dist.device):
+            correct += (model(space.encode(x, generator=False)).argmax(1) == y).sum()
+        n += len(y)
+    return (correct / max(n, 1)).item()
+
+
+def finetune(args):
+    """Truncate at --layer, fix --t, train end to end on clean labeled images (fit); the same truncated
+    network from a fresh init (`scratch`) with the same recipe is the baseline."""
+    dist = setup_distributed(args.device)
+    _defaults(args, dist)
+    net, obj, space, train, test, cfg = load_backbone(args, dist)
+    layer, level = _cell_from_args(args, net, obj)
+    train, test = _labeled_sets(args, train, test)
+    K, amp = len(train.classes), resolve_amp(args.amp, dist.device)
+    metrics = {"layer": layer, "t": level, "chance": 1.0 / K, "n_labeled": len(train), "n_test": len(test), "steps": args.steps}
+    for name in ["finetune"] + ([] if args.no_scratch else ["scratch"]):
+        torch.manual_seed(args.seed)
+        trunk = net.truncated(layer)
+        if name == "scratch":  # the same truncated architecture, freshly initialised
+            trunk.initialize_weights()
+        trunk = trunk.requires_grad_(True).train()
+        if isinstance(trunk, DiTBackbone):
+            trunk.dit.pos_embed.requires_grad_(False)
+        model = TruncatedClassifier(trunk, obj, level, K)
+        loader = data.Loader(train, args.batch_size, dist.device, seed=args.seed, augment=True, crop_padding=4, flip=True,
+                             rank=dist.rank, world_size=dist.world_size)
+
+        def loss_fn(m, x, y, step):
+            _seed_step(args.seed, step, dist)
+            return F.cross_entropy(m(space.encode(x)).float(), y)
+        config = dict(stage=name, layer=layer, t=level, backbone=cfg, num_classes=K, args=vars(args))
+        model, _ = fit(model, loss_fn, loader, args, dist, os.path.join(args.out_dir, name), config)
+        metrics[f"{name}_acc"] = classify_accuracy(model, space, test, dist, args.eval_batch_size, amp)
+    if dist.is_main:
+        RunLog(args.out_dir, dist, dict(stage="finetune", args=vars(args))).metrics(metrics)
+        print(f"finetune at {layer}, t={level:g}: {metrics['finetune_acc']:.4f}"
+              + (f" | scratch {metrics['scratch_acc']:.4f}" if "scratch_acc" in metrics else "") + f" | chance {1 / K:.4f}")
+    return metrics
+
+
+class NoisyClassifier(nn.Module):
+    """p_t(y | x_t) = g(f_t(x_t) + tau(t)) (paper eq. 5): the frozen DDAE truncated at one layer (pooled features,
+    standardised with fixed train statistics: an affine map that g and tau could absorb, for the optimiser's sake),
+    a timestep embedding tau (sinusoid + linear) and a 2-layer MLP g (d, 2d, K)."""
+    def __init__(self, trunk, num_classes, tau_dim=128):
+        super().__init__()
+        d = trunk.layers[-1][1]
+        self.trunk, self.tau_dim = trunk.requires_grad_(False).eval(), tau_dim
+        self.register_buffer("mu", torch.zeros(d))
+        self.register_buffer("sd", torch.ones(d))
+        self.tau = nn.Linear(tau_dim, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, num_classes))
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.trunk.eval()  # frozen: no dropout
+        return self
+
+    def features(self, x_in, cond):
+        with torch.no_grad():
+            return _pool(self.trunk(x_in, cond))  # (N, d)
+
+    def forward(self, x_in, cond, tau_in):
+        f = (self.features(x_in, cond) - self.mu) / self.sd
+        return self.mlp(f + self.tau(timestep_embedding(tau_in, self.tau_dim)))  # (N, K)
+
+
+@torch.no_grad()
+def _set_feature_stats(model, obj, space, ds, seed, batch_size, device, n=2048):
+    """The classifier's fixed feature standardisation: mean/std over up to n train images at random levels."""
+    ds = ds.subset(torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n])
+    feats = []
+    for b, (x, _, _) in enumerate(data.iterate(ds, batch_size, device)):
+        z0 = space.encode(x, generator=False)
+        g = step_generator(seed + 1, b, z0.device)
+        level = obj.random_levels(g, len(z0), _OneProcess(z0.device))
+        feats.append(model.features(*obj.net_input(z0, level, torch.randn(z0.shape, generator=g, device=g.device))))
+    feats = torch.cat(feats)
+    model.mu.copy_(feats.mean(0))
+    model.sd.copy_(feats.std(0) + 1e-6)
+
+
+def noisy(args):
+    """Noise-conditional classifier on frozen features, trained on random t (fit); accuracy per noise level."""
+    dist = setup_distributed(args.device)
+    _defaults(args, dist)
+    net, obj, space, train, test, cfg = load_backbone(args, dist)
+    layer, _ = _cell_from_args(args, net, obj, need_t=False)
+    train, test = _labeled_sets(args, train, test)
+    K, amp = len(train.classes), resolve_amp(args.amp, dist.device)
+    if args.t:
+        levels = obj.check_levels(args.t)
+    elif obj.kind == "edm":
+        levels = [float(f"{s:.3g}") for s in np.geomspace(obj.sigma_min, obj.sigma_max, 10)]
+    else:
+        levels = sorted({min(obj.T - 1, int(round(f * obj.T))) for f in np.linspace(0, 1, 11)})
+    torch.manual_seed(args.seed)
+    model = NoisyClassifier(net.truncated(layer), K).to(dist.device)
+    _set_feature_stats(model, obj, space, train, args.seed, args.eval_batch_size, dist.device)
+    loader = data.Loader(train, args.batch_size, dist.device, seed=args.seed, augment=True, crop_padding=4, flip=True,
+                         rank=dist.rank, world_size=dist.world_size)
+
+    def loss_fn(m, x, y, step):
+        z0 = space.encode(x)
+        g = step_generator(args.seed, step, z0.device)
+        level = obj.random_levels(g, len(z0), dist)
+        eps = draw_global(g, "randn", len(z0), dist, *z0.shape[1:])
+        x_in, cond = obj.net_input(z0, level, eps)
+        return F.cross_entropy(m(x_in, cond, obj.tau_input(level)).float(), y)
+    config = dict(stage="noisy", layer=layer, backbone=cfg, num_classes=K, args=vars(args))
+    head = [p for n, p in model.named_parameters() if not n.startswith("trunk.")]
+    model, _ = fit(model, loss_fn, loader, args, dist, args.out_dir, config, params=head)
+    model.eval()
+    accs = []
+    with torch.no_grad():
+        for level in levels:
+            correct, n = 0, 0
+            for z0, g, idx in _views(space, test, args.seed + TEST_SEED, level, 0, dist, args.eval_batch_size):
+                lv = torch.full((len(z0),), float(level), device=z0.device)
+                x_in, cond = obj.net_input(z0, lv, torch.randn(z0.shape, generator=g, device=g.device).to(z0.device))
+                with autocast(amp, dist.device):
+                    pred = model(x_in, cond, obj.tau_input(lv)).argmax(1)
+                correct += (pred == test.labels.to(z0.device)[idx]).sum().item()
+                n += len(idx)
+            accs.append(correct / max(n, 1))
+    metrics = {"layer": layer, "t": levels, "accuracy": accs, "t_means": "sigma" if obj.kind == "edm" else "timestep",
+               "mean_accuracy": float(np.mean(accs)), "chance": 1.0 / K, "steps": args.steps}
+    if dist.is_main:
+        RunLog(args.out_dir, dist).metrics(metrics)
+        save_json(os.path.join(args.out_dir, "noisy.json"), metrics)
+        xs = [math.log10(s) for s in levels] if obj.kind == "edm" else levels
+        save_curve(xs, {"DDAE + MLP": accs, "chance": [1.0 / K] * len(levels)}, os.path.join(args.out_dir, "noisy_curve.png"),
+                   "log10 sigma" if obj.kind == "edm" else "t", "accuracy", f"noise-conditional classifier at {layer}")
+        print("noisy: " + ", ".join(f"{t:g}:{a:.3f}" for t, a in zip(levels, accs)) + f" (chance {1 / K:.3f})")
+    return metrics
+
+
+def _ckpt_step(ckpt):
+    try:
+        return int(torch.load(os.path.join(find_checkpoint(ckpt), "state.pt"), map_location="cpu", weights_only=True)["step"])
+    except (FileNotFoundError, KeyError, UserError):
+        return None
+
+
+def sample_one(ckpt, out_dir, args, dist, feature_extractor=None):
+    """Samples of one UNet checkpoint (DDPM ancestral / DDIM, or EDM Heun), a PNG grid, and FID on --fid."""
+    net, obj, space, _, test, cfg = load_backbone(argparse.Namespace(**dict(vars(args), ckpt=ckpt, dit_path=None)), dist)
+    if not isinstance(net, UNet):
+        raise UserError(f"--ckpt {ckpt}: sample needs a ddae_probe UNet checkpoint")
+    n, amp = args.n_fid if args.fid else args.n, resolve_amp(args.amp, dist.device)
+    g = torch.Generator(device=dist.device).manual_seed(args.seed)
+    out = []
+    for s in range(0, n, args.batch_size):
+        b = min(args.batch_size, n - s)
+        y = (torch.arange(s, s + b, device=dist.device) % net.num_classes) if net.num_classes else None
+        with autocast(amp, dist.device):
+            kw = {"method": args.sampler} if obj.kind == "ddpm" else {}
+            out.append(obj.sample(net, (b, *space.sample_shape), g, args.sample_steps, y=y, **kw).float())
+    images = space.decode(torch.cat(out))
+    os.makedirs(out_dir, exist_ok=True)
+    r = {"ckpt": ckpt, "step": _ckpt_step(ckpt), "n": n, "objective": obj.kind,
+         "sample_steps": args.sample_steps or (obj.T if obj.kind == "ddpm" else 18)}
+    if images is None:
+        raise UserError("latent samples need --vae-path to be decoded")
+    save_image_grid(images[:64], os.path.join(out_dir, "samples.png"))
+    if args.fid:
+        real = test.images[:n] if test.images is not None else \
+            data.to_uint8(space.decode(test.latents["mean"][:n].to(dist.device) * test.scaling_factor))
+        fake = data.to_uint8(images)
+        if real.shape[1] == 1:
+            real, fake = real.repeat(1, 3, 1, 1), fake.repeat(1, 3, 1, 1)
+        r["fid"] = compute_fid(real, fake, out_dir, dist.device, feature_extractor=feature_extractor)
+    return r
+
+
+def sample(args, feature_extractor=None):
+    """`sample --ckpt C`: samples (+ FID). `--ckpts C1 C2 ...`: FID and (--probe) the best probe accuracy of each,
+    tabulated with their Spearman correlation (the paper's generation vs recognition correlation).
+    feature_extractor: a module for clean-fid in place of Inception (tests)."""
+    dist = setup_distributed(args.device)
+    ckpts = args.ckpts or ([args.ckpt] if args.ckpt else [])
+    if not ckpts:
+        raise UserError("pass --ckpt CKPT_DIR or --ckpts CKPT_DIR ...")
+    rows = []
+    for i, ck in enumerate(ckpts):
+        out = args.out_dir if len(ckpts) == 1 else os.path.join(args.out_dir, f"ckpt{i}")
+        r = sample_one(ck, out, args, dist, feature_extractor)
+        if args.probe:
+            pm = probe(argparse.Namespace(**dict(vars(args), ckpt=ck, dit_path=None, out_dir=os.path.join(out, "probe"))))
+            r.update({k: pm[k] for k in ("probe_best_acc", "probe_best_layer", "probe_best_t", "raw_pixel_acc")})
+        rows.append(r)
+        if dist.is_main:
+            print(" ".join(f"{k} {v}" for k, v in r.items()))
+    metrics = {"rows": rows}
+    if len(rows) > 1 and args.fid and args.probe:
+        metrics["spearman_fid_vs_probe"] = spearman([r["fid"] for r in rows], [r["probe_best_acc"] for r in rows])
+    if dist.is_main:
+        RunLog(args.out_dir, dist, dict(stage="sample", args=vars(args))).metrics(metrics if len(rows) > 1 else rows[0])
+        if len(rows) > 1:
+            keys = [k for k in ("step", "fid", "probe_best_acc", "probe_best_layer", "probe_best_t", "ckpt") if k in rows[0]]
+            with open(os.path.join(args.out_dir, "fid_vs_probe.csv"), "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(keys)
+                w.writerows([[r.get(k) for k in keys] for r in rows])
+            if args.fid and args.probe:
+                steps = [r["step"] if r["step"] is not None else i for i, r in enumerate(rows)]
+                save_curve(steps, {"FID": [r["fid"] for r in rows]}, os.path.join(args.out_dir, "fid.png"), "step", "FID",
+                           "FID over training")
+                save_curve(steps, {"best probe acc": [r["probe_best_acc"] for r in rows]}, os.path.join(args.out_dir, "probe.png"),
+                           "step", "accuracy", "best linear probe accuracy over training")
+    return metrics if len(rows) > 1 else rows[0]
+
+
+def bench_grid(ckpt=None, dit_path=None, data_spec=None, t=None, layers=None, labels_per_class=20, n_test=200, views=1,
+               probe_epochs=15, batch_size=256, seed=0, device="cpu"):
+    """Time the batched grid against a naive one-run-per-cell search on the same model, data and protocol.
+
+    grid:  per level, one forward per (view, batch) with every layer hooked, then all layers' heads in one
+           batched matmul (what `probe` does);
+    naive: per (layer, level) cell, a forward per (view, batch) hooking that layer only (stopping after it,
+           as the grid stops after its deepest layer), then one head trained alone.
+    Both give the same accuracies (checked: max_abs_acc_diff). -> dict with grid_s, naive_s, ratio, cells."""
+    argv = ["probe", "--device", device, "--seed", str(seed), "--views", str(views), "--probe-epochs", str(probe_epochs),
+            "--batch-size", str(batch_size), "--labels-per-class", str(labels_per_class), "--n-test", str(n_test)]
+    argv += ["--ckpt", ckpt] if ckpt else ["--dit-path", dit_path]
+    argv += ["--data", data_spec] if data_spec else []
+    argv += ["--t", *map(str, t)] if t else []
+    argv += ["--layers", *layers] if layers else []
+    args = build_parser().parse_args(argv)
+    dist = setup_distributed(args.device)
+    net, obj, space, train, test, cfg = load_backbone(args, dist)
+    train, test = _labeled_sets(args, train, test)
+    layers = _check_layers(net, args.layers)
+    levels = obj.check_levels(args.t) if args.t else obj.default_levels()
+    t0 = time.time()
+    acc_grid, _ = run_grid(net, obj, space, train, test, layers, levels, args, dist)
+    grid_s = time.time() - t0
+    t0 = time.time()
+    acc_naive = np.zeros_like(acc_grid)
+    for i, name in enumerate(layers):
+        for j, level in enumerate(levels):
+            acc_naive[i, j] = run_grid(net, obj, space, train, test, [name], [level], args, dist)[0][0, 0]
+    naive_s = time.time() - t0
+    return {"grid_s": grid_s, "naive_s": naive_s, "ratio": naive_s / grid_s, "cells": len(layers) * len(levels),
+            "layers": len(layers), "levels": len(levels), "n_train": len(train), "n_test": len(test), "views": views,
+            "max_abs_acc_diff": float(np.abs(acc_grid - acc_naive).max()), "device": str(dist.device)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The bare run: pretrain -> probe on `shapes`, on the CPU, in a few minutes
+
+
+PIPELINE_T = {"ddpm": [0, 25, 100, 250], "edm": [0.01, 0.06, 0.3, 1.0]}
+
+
+def pipeline(args):
+    """python ddae_probe.py --out-dir D: a tiny UNet pretrained on `shapes`, then the layer x t probe grid."""
+    t_start, out = time.time(), args.out_dir
+    common = ["--data", args.data, "--device", args.device, "--seed", str(args.seed)]
+    pre = pretrain(build_parser().parse_args(
+        ["pretrain", "--out-dir", f"{out}/pretrain", "--model", "tiny", "--objective", args.objective, *common,
+         "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup", str(args.warmup),
+         "--ema-decay", str(args.ema_decay), "--log-every", "50", "--ckpt-every", str(args.steps)]
+        + (["--image-size", str(args.image_size)] if args.image_size else [])))
+    t_mid = time.time()
+    levels = args.t or PIPELINE_T[args.objective]
+    pr = probe(build_parser().parse_args(
+        ["probe", "--ckpt", f"{out}/pretrain/ckpt", "--out-dir", f"{out}/probe", "--device", args.device, "--seed", str(args.seed),
+         "--views", str(args.views), "--labels-per-class", str(args.labels_per_class), "--n-test", str(args.n_test),
+         "--probe-lr", str(args.probe_lr), "--t", *map(str, levels)]))
+    metrics = {k: pr[k] for k in ("probe_best_acc", "probe_best_layer", "probe_best_t", "raw_pixel_acc", "chance",
+                                  "objective", "t_means", "n_train", "n_test", "views", "layers", "t")}
+    metrics.update(pretrain_eval_loss=pre["eval_loss"], pretrain_steps=args.steps, pretrain_s=t_mid - t_start,
+                   probe_s=time.time() - t_mid, total_s=time.time() - t_start)
+    os.makedirs(out, exist_ok=True)
+    save_json(os.path.join(out, "metrics.json"), metrics)
+    print(f"\nDDAE linear probe {metrics['probe_best_acc']:.3f} at {metrics['probe_best_layer']}, {metrics['t_means']} "
+          f"{metrics['probe_best_t']:g} | raw pixels {metrics['raw_pixel_acc']:.3f} | chance {metrics['chance']:.3f} | "
+          f"{metrics['total_s']:.0f} s")
+    return metrics
+
+
+def add_backbone_args(q, batch=True):
+    """What every evaluation stage reads: the network, the data, the labeled subset."""
+    add_common_args(q)
+    q.set_defaults(data=None, out_dir="runs/ddae_eval")
+    q.add_argument("--ckpt", default=None, help="a pretrain checkpoint folder (OUT_DIR/ckpt), ddae_probe or repcond_dit")
+    q.add_argument("--dit-path", default=None, help="an official DiT .pt (raw state dict), used with the null label")
+    q.add_argument("--test-data", default=None, help="the test split's spec when it is a different file (latents)")
+    q.add_argument("--labels-per-class", type=int, default=None, help="probe/fine-tune on a class-balanced subset")
+    q.add_argument("--n-test", type=int, default=0, help="evaluate on a random subset of the test split (0: all)")
+    if batch:
+        q.add_argument("--batch-size", type=int, default=256, help="feature extraction batch")
+
+
+def add_probe_args(q):
+    q.add_argument("--t", type=float, nargs="+", default=None,
+                   help="noise levels: ddpm timesteps (0-based) or edm sigmas (default: a sweep around the paper's optimum)")
+    q.add_argument("--layers", nargs="+", default=None, help="layer names (default: every down, mid and up block)")
+    q.add_argument("--views", type=int, default=4, help="cached views of the train set: view 0 as is, others random crop + flip")
+    q.add_argument("--probe-epochs", type=int, default=15)
+    q.add_argument("--probe-lr", type=float, default=1e-3)
+    q.add_argument("--probe-batch-size", type=int, default=128)
+    q.add_argument("--cache-dir", default=None, help="keep features on disk (safetensors per split, t, view) instead of memory")
+    q.add_argument("--no-raw-pixel", action="store_true", help="skip the raw-pixel baseline")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # exact flags: a prefix here would swallow a subcommand's flag
+    add_common_args(p)
+    p.set_defaults(out_dir="runs/ddae")
+    p.add_argument("--objective", default="ddpm", choices=["ddpm", "edm"])
+    p.add_argument("--steps", type=int, default=400, help="pipeline: pretrain steps of the tiny UNet")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--views", type=int, default=2, help="pipeline probe: cached train views")
+    p.add_argument("--labels-per-class", type=int, default=100, help="pipeline probe: labeled train images per class")
+    p.add_argument("--n-test", type=int, default=0)
+    p.add_argument("--probe-lr", type=float, default=1e-2,
+                   help="pipeline probe lr: 15 epochs of 1000 images are 120 steps, too few for the paper's 1e-3")
+    p.add_argument("--t", type=float, nargs="+", default=None, help=f"pipeline probe levels (default {PIPELINE_T})")
+    sub = p.add_subparsers(dest="cmd")
+    sub.add_parser = partial(sub.add_parser, allow_abbrev=False)
+
+    q = sub.add_parser("pretrain", help="diffusion pre-training of a UNet (ddpm or edm objective)")
+    add_common_args(q)
+    q.set_defaults(out_dir="runs/ddae")
+    add_train_args(q, steps=800_000, batch_size=128, lr=1e-4)
+    q.set_defaults(warmup=5000, ema_decay=None)  # ema: 0.9999 (ddpm) / 0.9993 (edm) when not given
+    q.add_argument("--model", default="ddpm", choices=sorted(UNet_models))
+    q.add_argument("--objective", default="ddpm", choices=["ddpm", "edm"])
+    q.add_argument("--T", type=int, default=1000, help="ddpm: number of noise levels (the paper's ablation: 1000/512/256/64)")
+    q.add_argument("--beta-range", type=float, nargs=2, default=[1e-4, 0.02], metavar=("MIN", "MAX"),
+                   help="ddpm: linear beta schedule range (ablation: 1e-4 0.01 / 0.01 0.02)")
+    q.add_argument("--p-mean", type=float, default=-1.2, help="edm: log-normal sigma mean")
+    q.add_argument("--p-std", type=float, default=1.2, help="edm: log-normal sigma std")
+    q.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    q.add_argument("--ch", type=int, default=None, help="override the preset's base width")
+    q.add_argument("--class-cond", action="store_true", help="class-conditional training (label embedding, null label)")
+    q.add_argument("--class-dropout", type=float, default=0.1, help="with --class-cond: label dropout for CFG")
+    q.add_argument("--no-augment", action="store_true")
+    q.add_argument("--crop-padding", type=int, default=0, help="random-crop padding (0: flip only, as DDPM)")
+    q.add_argument("--snapshot-every", type=int, default=0, help="keep OUT_DIR/ckpt_STEP copies every K steps (for sample --ckpts)")
+
+    q = sub.add_parser("probe", help="layer x timestep grid of linear probes, raw-pixel baseline, heatmap")
+    add_backbone_args(q)
+    add_probe_args(q)
+
+    q = sub.add_parser("align", help="label-free alignment/uniformity per layer and t, ranked against a probe grid")
+    add_backbone_args(q)
+    q.add_argument("--t", type=float, nargs="+", default=None)
+    q.add_argument("--layers", nargs="+", default=None)
+    q.add_argument("--grid", default=None, help="a probe run's grid.json: its layers, t and accuracies")
+    q.add_argument("--n", type=int, default=1000, help="training images used (label-free)")
+
+    q = sub.add_parser("finetune", help="truncate at a layer, fixed t, clean input, train end to end; vs scratch")
+    add_backbone_args(q, batch=False)
+    add_train_args(q, steps=20_000, batch_size=128, lr=1e-4)
+    q.set_defaults(warmup=500, ema_decay=0.999, batch_size=128)
+    q.add_argument("--layer", default=None)
+    q.add_argument("--t", type=float, default=None)
+    q.add_argument("--grid", default=None, help="take --layer/--t from a probe run's grid.json (its best cell)")
+    q.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
+    q.add_argument("--eval-batch-size", type=int, default=256)
+
+    q = sub.add_parser("noisy", help="noise-conditional classifier: frozen features + t embedding + 2-layer MLP")
+    add_backbone_args(q, batch=False)
+    add_train_args(q, steps=20_000, batch_size=128, lr=1e-3)
+    q.set_defaults(ema_decay=0.999, batch_size=128)
+    q.add_argument("--layer", default=None)
+    q.add_argument("--grid", default=None, help="take --layer from a probe run's grid.json")
+    q.add_argument("--t", type=float, nargs="+", default=None, help="evaluation noise levels")
+    q.add_argument("--eval-batch-size", type=int, default=256)
+
+    q = sub.add_parser("sample", help="samples, FID, and FID vs best probe accuracy over --ckpts")
+    add_backbone_args(q)
+    add_probe_args(q)
+    q.set_defaults(batch_size=128, out_dir="runs/ddae_sample")
+    q.add_argument("--ckpts", nargs="+", default=None, help="several checkpoints (e.g. pretrain --snapshot-every)")
+    q.add_argument("--n", type=int, default=64)
+    q.add_argument("--fid", action="store_true", help="FID (clean-fid) against the test split")
+    q.add_argument("--n-fid", type=int, default=50_000)
+    q.add_argument("--probe", action="store_true", help="also run the probe grid on each checkpoint")
+    q.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ddpm objective only (edm: Heun)")
+    q.add_argument("--sample-steps", type=int, default=None, help="default: T ancestral steps (ddpm), 18 Heun steps (edm)")
+
+    q = sub.add_parser("bench-grid", help="time the batched grid against one run per cell (writes bench_grid.json)")
+    add_common_args(q)
+    q.set_defaults(data=None, out_dir="runs/ddae_bench")
+    q.add_argument("--ckpt", default=None)
+    q.add_argument("--dit-path", default=None)
+    q.add_argument("--t", type=float, nargs="+", default=None)
+    q.add_argument("--layers", nargs="+", default=None)
+    q.add_argument("--labels-per-class", type=int, default=20)
+    q.add_argument("--n-test", type=int, default=200)
+    q.add_argument("--views", type=int, default=1)
+    return p
+
+
+def _bench_cmd(args):
+    r = bench_grid(args.ckpt, args.dit_path, args.data, args.t, args.layers, args.labels_per_class, args.n_test, args.views,
+                   device=args.device, seed=args.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
+    save_json(os.path.join(args.out_dir, "bench_grid.json"), r)
+    print(r)
+    return r
+
+
+def main(args):
+    stages = {"pretrain": pretrain, "probe": probe, "align": align, "finetune": finetune, "noisy": noisy,
+              "sample": sample, "bench-grid": _bench_cmd, None: pipeline}
+    try:
+        return stages[args.cmd](args)
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    try:
+        main(build_parser().parse_args())
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,355 @@
+"""ddae_probe.py: UNet presets and hooks, both objectives, resume, torchrun, the probe grid (cached == recomputed),
+align, finetune, noisy, sample + FID over checkpoints, the DiT path, the bare pipeline and clear errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import data
+import ddae_probe as dp
+import repcond_dit as rd
+from data import UserError
+from conftest import TinyFeatures
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "tiny", "--ch", "16", "--image-size", "16", "--device", "cpu"]  # ~0.28M params, 16x16 shapes
+SMALL = ["--labels-per-class", "10", "--n-test", "100", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tensors are tiny: one intra-op thread is as fast on an idle machine and several times faster on a
+    loaded, shared one (OpenMP threads spin-wait). Restored after this file."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(argv):
+    return dp.main(dp.build_parser().parse_args(argv))
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def test_presets_have_the_papers_sizes_and_hooks_return_the_documented_shapes():
+    with torch.device("meta"):  # shapes only: the 35.7M / 55.7M nets cost nothing here
+        ddpm, ddpmpp = dp.UNet(**dp.UNet_models["ddpm"]), dp.UNet(**dp.UNet_models["ddpmpp"])
+        for net in (ddpm, ddpmpp):
+            raw = {}
+            hooks = [net.layer(n).register_forward_hook(lambda m, i, o, n=n: raw.__setitem__(n, tuple(o.shape))) for n in net.layer_names()]
+            with dp.LayerTap(net, net.layer_names()) as tap:
+                assert net(torch.empty(2, 3, 32, 32), torch.empty(2)).shape == (2, 3, 32, 32)
+            for h in hooks:
+                h.remove()
+            for name, ch, res in net.layers:
+                assert tap.feats[name].shape == (2, ch) and raw[name] == (2, ch, res, res)  # pooled (N, C_layer)
+    assert sum(p.numel() for p in ddpm.parameters()) == 35_746_307  # the DDPM CIFAR-10 UNet, 35.7M
+    assert round(sum(p.numel() for p in ddpmpp.parameters()) / 1e6, 1) == 55.7  # EDM's DDPM++, 55.7M
+    assert ddpm.layer_names()[:3] == ["down.0", "down.1", "down.2"] and "mid" in ddpm.layer_names() and len(ddpm.layers) == 27
+    assert [n for n, _, r in ddpm.layers if r == 8 and n.startswith("up.")][-1] == "up.6"  # the paper's last 8x8 decoder block
+    tiny = dp.UNet(**dp.UNet_models["tiny"])
+    assert sum(p.numel() for p in tiny.parameters()) < 2e6
+    for p in tiny.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(3, 3, 32, 32), torch.tensor([0.0, 10.0, 500.0])
+    with dp.LayerTap(tiny, tiny.layer_names()) as tap, torch.no_grad():
+        tiny(x, t)
+        for name, ch, res in tiny.layers:  # a hook's pooled activation is the truncated network's output, pooled
+            assert torch.allclose(tap.feats[name], tiny.truncated(name)(x, t).mean((2, 3)), atol=1e-4)
+
+
+def test_class_conditional_unet_uses_the_null_label_by_default():
+    net = dp.UNet(**dict(dp.UNet_models["tiny"], ch=16, image_size=16, num_classes=10))
+    for p in net.parameters():  # zero-initialised convs would hide the label
+        torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3.0, 7.0])
+    with torch.no_grad():
+        assert torch.equal(net(x, t), net(x, t, torch.full((2,), 10)))
+        assert not torch.allclose(net(x, t), net(x, t, torch.tensor([0, 1])))
+
+
+# ---------------------------------------------------------------------------------------------- pretrain
+
+@pytest.fixture(scope="module")
+def ddpm_run(tmp_path_factory):
+    """A tiny DDPM run on 16x16 shapes with snapshots at steps 15 and 30, probed once."""
+    out = tmp_path_factory.mktemp("ddpm")
+    m = run(["pretrain", "--out-dir", str(out), *TINY, "--steps", "30", "--batch-size", "32", "--lr", "2e-3",
+             "--warmup", "5", "--log-every", "5", "--snapshot-every", "15"])
+    p = run(["probe", "--ckpt", str(out / "ckpt"), "--out-dir", str(out / "probe"), *SMALL, "--t", "0", "100",
+             "--views", "2", "--probe-epochs", "5", "--cache-dir", str(out / "cache")])
+    return out, m, p
+
+
+def test_ddpm_pretrain_loss_falls_and_checkpoints_are_complete(ddpm_run):
+    out, m, _ = ddpm_run
+    log = losses(out)
+    assert log[-1] < 0.5 * log[0]
+    cfg = json.load(open(out / "ckpt" / "config.json"))
+    assert cfg["arch"] == "unet" and cfg["objective"] == "ddpm" and cfg["T"] == 1000 and cfg["beta_range"] == [1e-4, 0.02]
+    assert cfg["args"]["ema_decay"] == 0.9999  # the paper's DDPM EMA when not given
+    assert os.path.isdir(out / "ckpt_0000015") and os.path.isdir(out / "ckpt_0000030")
+    keys = load_file(out / "ckpt" / "ema.safetensors").keys()
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
+    assert m["eval_loss"] < 1.0
+
+
+def test_edm_loss_falls_probe_in_sigma_and_heun_samples(tmp_path):
+    out = tmp_path / "edm"
+    run(["pretrain", "--out-dir", str(out), "--objective", "edm", *TINY, "--steps", "30", "--batch-size", "32",
+         "--lr", "2e-3", "--warmup", "5", "--log-every", "5"])
+    log = losses(out)
+    assert log[-1] < 0.7 * log[0]
+    assert json.load(open(out / "ckpt" / "config.json"))["args"]["ema_decay"] == 0.9993
+    p = run(["probe", "--ckpt", str(out / "ckpt"), "--out-dir", str(tmp_path / "p"), *SMALL, "--t", "0.06", "1.5",
+             "--layers", "mid", "up.0", "--views", "1", "--probe-epochs", "3"])
+    assert p["t_means"] == "sigma" and p["probe_best_t"] in (0.06, 1.5)
+    s = run(["sample", "--ckpt", str(out / "ckpt"), "--out-dir", str(tmp_path / "s"), "--n", "4", "--sample-steps", "4",
+             "--device", "cpu"])
+    assert s["objective"] == "edm" and (tmp_path / "s" / "samples.png").exists()
+
+
+def test_edm_preconditioning_and_heun_on_a_perfect_denoiser():
+    obj = dp.EDMObjective()
+    sigma = torch.tensor([0.002, 0.5, 80.0])
+    c_skip, c_out, c_in, c_noise = obj.precond(sigma)
+    assert torch.allclose(c_skip, 0.25 / (sigma ** 2 + 0.25)) and torch.allclose(c_out ** 2, 0.25 * sigma ** 2 / (sigma ** 2 + 0.25))
+    assert torch.allclose(c_in ** 2 * (sigma ** 2 + 0.25), torch.ones(3)) and torch.allclose(c_noise, sigma.log() / 4)
+    # a network whose D(x; sigma) is exactly a fixed image x0 makes Heun land on x0
+    x0 = torch.rand(1, 3, 4, 4) * 2 - 1
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x_in, c_noise, y=None):
+            s = (4 * c_noise).exp().view(-1, 1, 1, 1)
+            cs, co, ci, _ = obj.precond(s.flatten())
+            x = x_in / ci.view(-1, 1, 1, 1)
+            return (x0 - cs.view(-1, 1, 1, 1) * x) / co.view(-1, 1, 1, 1)
+    out = obj.sample(Oracle(), (1, 3, 4, 4), torch.Generator().manual_seed(0), steps=6)
+    assert torch.allclose(out, x0, atol=1e-4)
+
+
+def test_ddpm_ablation_flags_reach_the_schedule(tmp_path):
+    out = tmp_path / "t64"
+    run(["pretrain", "--out-dir", str(out), *TINY, "--T", "64", "--beta-range", "0.01", "0.02", "--steps", "2",
+         "--batch-size", "16", "--log-every", "1"])
+    obj = dp.make_objective(json.load(open(out / "ckpt" / "config.json")))
+    assert obj.T == 64 and obj.default_levels()[-1] < 64
+    betas = 1 - obj.diffusion.alphas_cumprod[1:] / obj.diffusion.alphas_cumprod[:-1]
+    assert betas[0].item() == pytest.approx(0.01 + 0.01 / 63, rel=1e-3) and betas[-1].item() == pytest.approx(0.02, rel=1e-3)
+    with pytest.raises(UserError, match="--t"):
+        obj.check_levels([64])
+
+
+def test_resume_is_exact_with_dropout(tmp_path):
+    common = [*TINY, "--dropout", "0.1", "--batch-size", "8", "--log-every", "2", "--ckpt-every", "4", "--warmup", "3"]
+    run(["pretrain", "--out-dir", str(tmp_path / "full"), *common, "--steps", "8"])
+    run(["pretrain", "--out-dir", str(tmp_path / "half"), *common, "--steps", "4"])
+    run(["pretrain", "--out-dir", str(tmp_path / "half"), *common, "--steps", "8", "--resume"])
+    for f in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(tmp_path / "full" / "ckpt" / f), load_file(tmp_path / "half" / "ckpt" / f)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    common = ["pretrain", *TINY, "--dropout", "0", "--steps", "4", "--batch-size", "8", "--log-every", "2", "--lr", "1e-3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "ddae_probe.py", *common, "--out-dir", str(tmp_path / "one")],
+                         capture_output=True, text=True, cwd=ROOT, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
+                          "ddae_probe.py", *common, "--out-dir", str(tmp_path / "two")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-4)
+    a, b = load_file(tmp_path / "one" / "ckpt" / "model.safetensors"), load_file(tmp_path / "two" / "ckpt" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------- probe
+
+def test_probe_writes_the_grid_and_cached_features_equal_recomputed_ones(ddpm_run):
+    out, _, p = ddpm_run
+    grid = json.load(open(out / "probe" / "grid.json"))
+    names = dp.UNet(**json.load(open(out / "ckpt" / "config.json"))["unet"]).layer_names()
+    assert grid["layers"] == names == p["layers"] and grid["t"] == [0, 100]
+    assert len(grid["accuracy"]) == len(names) and all(len(r) == 2 for r in grid["accuracy"])
+    assert (out / "probe" / "heatmap.png").exists() and open(out / "probe" / "grid.csv").readline().strip() == "layer,0,100"
+    for k in ("probe_best_acc", "probe_best_layer", "probe_best_t", "raw_pixel_acc", "chance"):
+        assert k in json.load(open(out / "probe" / "metrics.json"))
+    assert p["probe_best_acc"] == max(max(r) for r in grid["accuracy"]) > p["chance"]
+    assert len(os.listdir(out / "cache")) == 2 * 3  # (train view 0, 1, test) x 2 levels
+    # one cell recomputed from scratch: its own forward pass (one layer hooked), one head trained alone
+    args = dp.build_parser().parse_args(["probe", "--ckpt", str(out / "ckpt"), *SMALL, "--probe-epochs", "5"])
+    dist = rd.setup_distributed("cpu")
+    net, obj, space, train, test, _ = dp.load_backbone(args, dist)
+    train, test = dp._labeled_sets(args, train, test)
+    i, layer, level = 7, names[7], 100
+    tr = [dp.extract_features(net, obj, space, train, level, [layer], 0, dist, 256, v)[layer] for v in range(2)]
+    te = dp.extract_features(net, obj, space, test, level, [layer], dp.TEST_SEED, dist, 256, 0)[layer]
+    acc = dp.train_linear_heads([[f] for f in tr], train.labels, [te], test.labels, 10, epochs=5)[0].item()
+    assert acc == grid["accuracy"][i][1]
+    # a second run reads the cache (same figures)
+    again = run(["probe", "--ckpt", str(out / "ckpt"), "--out-dir", str(out / "probe2"), *SMALL, "--t", "0", "100",
+                 "--views", "2", "--probe-epochs", "5", "--cache-dir", str(out / "cache"), "--no-raw-pixel"])
+    assert again["probe_best_acc"] == p["probe_best_acc"] and again["raw_pixel_acc"] is None
+
+
+def test_heads_trained_together_equal_heads_trained_alone():
+    g = torch.Generator().manual_seed(0)
+    y, yt = torch.arange(60) % 3, torch.arange(30) % 3
+    feats = [torch.randn(60, d, generator=g) + y[:, None] * 0.5 for d in (5, 9, 2)]
+    tests = [torch.randn(30, d, generator=g) + yt[:, None] * 0.5 for d in (5, 9, 2)]
+    together = dp.train_linear_heads([feats], y, tests, yt, 3, epochs=4, batch_size=16)
+    alone = [dp.train_linear_heads([[f]], y, [t], yt, 3, epochs=4, batch_size=16)[0] for f, t in zip(feats, tests)]
+    assert together.tolist() == [a.item() for a in alone]
+
+
+def test_bench_grid_is_faster_than_one_run_per_cell_and_agrees(ddpm_run):
+    out, _, _ = ddpm_run
+    r = dp.bench_grid(str(out / "ckpt"), layers=["down.1", "mid", "up.2"], t=[0, 100], labels_per_class=5, n_test=50, probe_epochs=3)
+    assert r["cells"] == 6 and r["max_abs_acc_diff"] == 0.0 and r["ratio"] > 1.2
+
+
+# ---------------------------------------------------------------------------------------------- align, finetune, noisy
+
+def test_align_metrics_are_bounded_and_ranked_against_the_grid(ddpm_run, tmp_path):
+    out, _, _ = ddpm_run
+    m = run(["align", "--ckpt", str(out / "ckpt"), "--grid", str(out / "probe" / "grid.json"), "--n", "64",
+             "--out-dir", str(tmp_path), "--device", "cpu"])
+    a = json.load(open(tmp_path / "align.json"))
+    A, U = torch.tensor(a["alignment"]), torch.tensor(a["uniformity"])
+    assert A.shape == U.shape == (14, 2) and (A >= 0).all() and (A <= 4).all() and (U <= 0).all() and (U >= -4).all()
+    assert (A[:, 0] < A[:, 1]).float().mean() > 0.5  # less noise: closer positive pairs, for most layers
+    for k in ("spearman_alignment", "spearman_uniformity", "spearman_align_plus_uniform"):
+        assert m[k] is None or -1 <= m[k] <= 1
+    assert set(m["spearman_per_t"]) == {"0", "100"} and (tmp_path / "alignment.png").exists()
+
+
+def test_finetune_from_pretrained_and_from_scratch(ddpm_run, tmp_path):
+    out, _, _ = ddpm_run
+    m = run(["finetune", "--ckpt", str(out / "ckpt"), "--grid", str(out / "probe" / "grid.json"), "--out-dir", str(tmp_path),
+             *SMALL, "--steps", "12", "--batch-size", "20", "--lr", "1e-3", "--warmup", "0", "--log-every", "4"])
+    best = json.load(open(out / "probe" / "grid.json"))["best"]
+    assert m["layer"] == best["layer"] and m["t"] == best["t"]
+    assert 0 <= m["finetune_acc"] <= 1 and 0 <= m["scratch_acc"] <= 1
+    pre = load_file(out / "ckpt" / "ema.safetensors")
+    ft, sc = (load_file(tmp_path / n / "ckpt" / "model.safetensors") for n in ("finetune", "scratch"))
+    k = "trunk.stem.weight"
+    # fine-tuning starts from the DDAE (a small step away from it), scratch from a fresh init
+    assert (ft[k] - pre["stem.weight"]).norm() < (sc[k] - pre["stem.weight"]).norm()
+    assert not any(n.startswith("trunk.out_conv") for n in ft)  # truncated: nothing after the layer
+    assert losses(tmp_path / "finetune")[-1] < losses(tmp_path / "finetune")[0]
+
+
+def test_noisy_classifier_per_noise_level(ddpm_run, tmp_path):
+    out, _, _ = ddpm_run
+    m = run(["noisy", "--ckpt", str(out / "ckpt"), "--layer", "mid", "--out-dir", str(tmp_path), *SMALL,
+             "--steps", "30", "--batch-size", "20", "--log-every", "10", "--t", "0", "500", "999"])
+    j = json.load(open(tmp_path / "noisy.json"))
+    assert j["t"] == [0, 500, 999] and len(j["accuracy"]) == 3 and (tmp_path / "noisy_curve.png").exists()
+    sd = load_file(tmp_path / "ckpt" / "model.safetensors")
+    pre = load_file(out / "ckpt" / "ema.safetensors")
+    assert torch.equal(sd["trunk.stem.weight"], pre["stem.weight"])  # the DDAE stays frozen
+    assert losses(tmp_path)[-1] < losses(tmp_path)[0]
+
+
+# ---------------------------------------------------------------------------------------------- sample, FID
+
+def test_sample_fid_over_checkpoints_against_probe_accuracy(ddpm_run, tmp_path):
+    out, _, _ = ddpm_run
+    args = dp.build_parser().parse_args(
+        ["sample", "--ckpts", str(out / "ckpt_0000015"), str(out / "ckpt_0000030"), "--out-dir", str(tmp_path), "--fid",
+         "--n-fid", "32", "--batch-size", "32", "--sampler", "ddim", "--sample-steps", "5", "--probe", "--t", "0",
+         "--layers", "mid", "up.1", "--views", "1", "--probe-epochs", "2", "--labels-per-class", "5", "--n-test", "50",
+         "--device", "cpu"])
+    m = dp.sample(args, feature_extractor=TinyFeatures())
+    rows = m["rows"]
+    assert [r["step"] for r in rows] == [15, 30] and all(r["fid"] >= 0 for r in rows)
+    assert all(0 <= r["probe_best_acc"] <= 1 for r in rows) and "spearman_fid_vs_probe" in m
+    assert open(tmp_path / "fid_vs_probe.csv").readline().strip() == "step,fid,probe_best_acc,probe_best_layer,probe_best_t,ckpt"
+    assert (tmp_path / "ckpt0" / "samples.png").exists() and (tmp_path / "fid.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------- DiT
+
+def _latents_file(path, n=40, size=8):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % 4
+    mean = torch.randn(n, 4, size, size, generator=g) + y.view(-1, 1, 1, 1) * 0.3
+    t = {"mean": mean.half(), "std": torch.full_like(mean, 0.1).half(), "mean_flip": mean.flip(3).half(),
+         "std_flip": torch.full_like(mean, 0.1).half(), "labels": y}
+    save_file(t, path, metadata={"format": "repcond-latents-v1", "scaling_factor": "0.18215",
+                                 "classes": json.dumps(["a", "b", "c", "d"]), "image_size": str(8 * size), "source": "test"})
+
+
+def test_dit_path_official_raw_state_dict_gives_per_block_features(tmp_path):
+    torch.manual_seed(0)
+    dit = rd.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=1, num_classes=10, learn_sigma=True)
+    for p in dit.parameters():  # adaLN-Zero would make every block the identity
+        torch.nn.init.normal_(p, std=0.05)
+    torch.save(dit.state_dict(), tmp_path / "dit.pt")  # the release's format: a raw state dict
+    _latents_file(str(tmp_path / "lat.safetensors"))
+    args = dp.build_parser().parse_args(["probe", "--dit-path", str(tmp_path / "dit.pt"), "--data", str(tmp_path / "lat.safetensors"),
+                                         "--test-data", str(tmp_path / "lat.safetensors"), "--device", "cpu"])
+    dist = rd.setup_distributed("cpu")
+    net, obj, space, train, test, _ = dp.load_backbone(args, dist)
+    assert net.layer_names() == ["blocks.0", "blocks.1", "blocks.2"] and obj.kind == "ddpm" and obj.T == 1000
+    f = dp.extract_features(net, obj, space, train, 10, net.layer_names(), 0, dist, view=1)
+    assert all(f[n].shape == (40, 32) for n in net.layer_names())
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0])
+    with torch.no_grad():  # unconditional use of a class-conditional DiT: the null label
+        assert torch.allclose(net(x, t), dit(x, t, y=torch.full((2,), 10))[:, :4], atol=1e-6)
+    m = run(["probe", "--dit-path", str(tmp_path / "dit.pt"), "--data", str(tmp_path / "lat.safetensors"), "--test-data",
+             str(tmp_path / "lat.safetensors"), "--t", "10", "500", "--views", "2", "--probe-epochs", "3",
+             "--out-dir", str(tmp_path / "p"), "--device", "cpu"])
+    assert m["layers"] == ["blocks.0", "blocks.1", "blocks.2"] and m["chance"] == 0.25
+    ft = run(["finetune", "--dit-path", str(tmp_path / "dit.pt"), "--data", str(tmp_path / "lat.safetensors"), "--test-data",
+              str(tmp_path / "lat.safetensors"), "--layer", "blocks.1", "--t", "50", "--steps", "3", "--batch-size", "8",
+              "--labels-per-class", "5", "--log-every", "1", "--out-dir", str(tmp_path / "ft"), "--device", "cpu"])
+    assert 0 <= ft["finetune_acc"] <= 1 and 0 <= ft["scratch_acc"] <= 1
+    assert not any(k.startswith("trunk.dit.blocks.2") for k in load_file(tmp_path / "ft" / "scratch" / "ckpt" / "model.safetensors"))
+    with pytest.raises(UserError, match="--test-data"):  # a latents file holds one split
+        run(["probe", "--dit-path", str(tmp_path / "dit.pt"), "--data", str(tmp_path / "lat.safetensors"), "--device", "cpu"])
+
+
+def test_a_repcond_dit_checkpoint_is_probed_per_block(tmp_path):
+    rd.main(rd.build_parser().parse_args(["pretrain", "--out-dir", str(tmp_path / "rc"), "--model", "DiT-XS/8", "--cond", "none",
+                                          "--steps", "2", "--batch-size", "8", "--log-every", "1", "--device", "cpu"]))
+    m = run(["probe", "--ckpt", str(tmp_path / "rc" / "ckpt"), "--out-dir", str(tmp_path / "p"), *SMALL, "--t", "50",
+             "--views", "1", "--probe-epochs", "2", "--no-raw-pixel"])
+    assert m["layers"] == [f"blocks.{i}" for i in range(4)] and m["objective"] == "ddpm"
+
+
+# ---------------------------------------------------------------------------------------------- pipeline, errors
+
+def test_bare_pipeline_writes_the_documented_metrics(tmp_path):
+    m = run(["--out-dir", str(tmp_path), "--steps", "10", "--batch-size", "16", "--image-size", "16", "--labels-per-class", "5",
+             "--n-test", "50", "--t", "0", "100", "--views", "1", "--device", "cpu"])
+    saved = json.load(open(tmp_path / "metrics.json"))
+    for k in ("probe_best_acc", "probe_best_layer", "probe_best_t", "raw_pixel_acc", "chance", "pretrain_eval_loss", "total_s"):
+        assert k in saved and saved[k] == m[k]
+    assert saved["chance"] == 0.1 and (tmp_path / "probe" / "heatmap.png").exists()
+
+
+def test_clear_errors(tmp_path, ddpm_run):
+    out, _, _ = ddpm_run
+    with pytest.raises(UserError, match="no checkpoint here"):
+        run(["probe", "--ckpt", str(tmp_path / "nope"), "--device", "cpu"])
+    with pytest.raises(UserError, match="--layers"):
+        run(["probe", "--ckpt", str(out / "ckpt"), "--layers", "up.99", "--device", "cpu"])
+    with pytest.raises(UserError, match="ddpm timesteps"):
+        run(["probe", "--ckpt", str(out / "ckpt"), "--t", "1000", "--device", "cpu"])
+    with pytest.raises(UserError, match="--layer NAME"):
+        run(["finetune", "--ckpt", str(out / "ckpt"), "--device", "cpu", "--steps", "1"])
+    with pytest.raises(UserError, match="network takes"):
+        run(["probe", "--ckpt", str(out / "ckpt"), "--image-size", "32", "--device", "cpu"])
+    r = subprocess.run([sys.executable, "ddae_probe.py", "probe", "--device", "cpu"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: pass --ckpt") and len(r.stderr.strip().splitlines()) == 1
