@@ -628,6 +628,7 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
         load_weights(d, ema, prefer_ema=True)
         state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
         opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
         start = state["step"]
         if dist.is_main:
             print(f"resumed from {d} at step {start}")
@@ -639,8 +640,8 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
     amp = resolve_amp(args.amp, device)
     scaler = torch.amp.GradScaler(enabled=amp == "fp16")
     log = RunLog(out_dir, dist, config)
-    ema_params = [p for p in ema.parameters()]
-    model_params = [p for p in model.parameters()]
+    ema_params, model_params = list(ema.parameters()), list(model.parameters())
+    ema_buffers, model_buffers = list(ema.buffers()), list(model.buffers())  # e.g. BatchNorm statistics
     loss_sum, n_sum, t0 = torch.zeros((), device=device), 0, time.time()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -661,6 +662,8 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
         # EMA with a warm-up (Karras-style): early on it follows the model more closely
         decay = min(args.ema_decay, (1 + step) / (10 + step))
         torch._foreach_lerp_(ema_params, model_params, 1 - decay)
+        if ema_buffers:
+            torch._foreach_copy_(ema_buffers, model_buffers)
         loss_sum += loss.detach()
         n_sum += 1
         last = step + 1 == args.steps
@@ -1073,40 +1076,35 @@ def classify(args):
     if any(t < 0 or t >= diffusion.T for t in ts):
         raise UserError(f"--t values must lie in [0, {diffusion.T - 1}]")
     t0 = time.time()
-    errs = dc0_sweep(model, space, test, diffusion, ts, args.n_noise, args.seed, dist, args.batch_size, args.max_batch)
+    errs = dc0_sweep(model, space, test, diffusion, ts, args.n_noise, args.seed, dist, args.batch_size, args.max_batch)  # (T, N, K)
     seconds = time.time() - t0
     y = test.labels.to(dist.device)
-    per_t = {}
-    for i, t in enumerate(ts):
-        acc, f1, _ = accuracy_f1(errs[i].argmin(1), y, K)
-        per_t[t] = {"accuracy": acc, "macro_f1": f1}
-    val_acc = {}
+    test_acc = [accuracy_f1(errs[i].argmin(1), y, K)[:2] for i in range(len(ts))]
+    val_acc = None
     if val is not None:
         verrs = dc0_sweep(model, space, val, diffusion, ts, args.n_noise, args.seed + 1, dist, args.batch_size, args.max_batch)
-        for i, t in enumerate(ts):
-            val_acc[t] = accuracy_f1(verrs[i].argmin(1), val.labels, K)[0]
-        best_t = max(ts, key=lambda t: (val_acc[t], -t))
-    else:
-        best_t = max(ts, key=lambda t: (per_t[t]["accuracy"], -t))
-    bi = ts.index(best_t)
+        val_acc = [accuracy_f1(verrs[i].argmin(1), val.labels, K)[0] for i in range(len(ts))]
+    score = val_acc or [a for a, _ in test_acc]
+    bi = max(range(len(ts)), key=lambda i: (score[i], -ts[i]))
     acc, f1, cm = accuracy_f1(errs[bi].argmin(1), y, K)
-    metrics = {"accuracy": acc, "macro_f1": f1, "best_t": best_t, "best_t_chosen_on": "val" if val is not None else "test",
-               "chance": 1.0 / K, "n_test": len(test), "n_noise": args.n_noise, "t": ts,
-               "accuracy_per_t": {str(t): per_t[t]["accuracy"] for t in ts}, "macro_f1_per_t": {str(t): per_t[t]["macro_f1"] for t in ts},
-               "val_accuracy_per_t": {str(t): v for t, v in val_acc.items()},
+    metrics = {"accuracy": acc, "macro_f1": f1, "best_t": ts[bi], "best_t_chosen_on": "val" if val is not None else "test",
+               "chance": 1.0 / K, "n_test": len(test), "n_val": 0 if val is None else len(val), "n_noise": args.n_noise, "t": ts,
+               "accuracy_per_t": {str(t): a for t, (a, _) in zip(ts, test_acc)},
+               "macro_f1_per_t": {str(t): f for t, (_, f) in zip(ts, test_acc)},
+               "val_accuracy_per_t": {str(t): a for t, a in zip(ts, val_acc)} if val_acc else {},
                "nfe_per_image": K * args.n_noise * len(ts), "img_s": len(test) / seconds}
     if dist.is_main:
         os.makedirs(args.out_dir, exist_ok=True)
         RunLog(args.out_dir, dist, dict(stage="classify", ckpt=args.ckpt, args=vars(args))).metrics(metrics)
         classes = cfg.get("classes") or [str(k) for k in range(K)]
         save_heatmap(cm.numpy(), os.path.join(args.out_dir, "confusion.png"), classes, classes,
-                     title=f"DC0 confusion at t={best_t} (rows: true)", fmt="{:.0f}")
-        series = {"test accuracy": [per_t[t]["accuracy"] for t in ts], "test macro-F1": [per_t[t]["macro_f1"] for t in ts]}
+                     title=f"DC0 confusion at t={ts[bi]} (rows: true)", fmt="{:.0f}")
+        curves = {"test accuracy": [a for a, _ in test_acc], "test macro-F1": [f for _, f in test_acc]}
         if val_acc:
-            series["val accuracy"] = [val_acc[t] for t in ts]
-        save_curve(ts, series, os.path.join(args.out_dir, "sweep.png"), "t", "score", "Diffusion Classifier Zero: timestep sweep")
-        print(f"DC0 accuracy {acc:.4f} macro-F1 {f1:.4f} at t={best_t} (chance {1 / K:.4f}); "
-              f"per t: " + ", ".join(f"{t}:{per_t[t]['accuracy']:.3f}" for t in ts))
+            curves["val accuracy"] = val_acc
+        save_curve(ts, curves, os.path.join(args.out_dir, "sweep.png"), "t", "score", "Diffusion Classifier Zero: timestep sweep")
+        print(f"DC0 accuracy {acc:.4f} macro-F1 {f1:.4f} at t={ts[bi]} (chance {1 / K:.4f}); per t: "
+              + ", ".join(f"{t}:{a:.3f}" for t, (a, _) in zip(ts, test_acc)))
     return metrics
 
 
@@ -1217,18 +1215,19 @@ def pipeline(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     add_common_args(p)
-    p.add_argument("--steps", type=int, default=600, help="pipeline: pretrain steps (each of the two runs)")
+    p.add_argument("--steps", type=int, default=300, help="pipeline: pretrain steps (each of the two runs)")
     p.add_argument("--tune-steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--labels-per-class", type=int, default=50)
+    p.add_argument("--labels-per-class", type=int, default=100)
     p.add_argument("--n-test", type=int, default=500)
-    p.add_argument("--t", type=int, nargs="+", default=[100, 300, 500, 700, 900])
+    p.add_argument("--t", type=int, nargs="+", default=[50, 100, 200, 400])
     sub = p.add_subparsers(dest="cmd")
 
-    q = sub.add_parser("pretrain", help="joint encoder + denoiser training on unlabeled data")
+    q = sub.add_parser("pretrain", help="joint encoder + denoiser training on unlabeled data", allow_abbrev=False)
     add_common_args(q)
     add_train_args(q, steps=400_000, batch_size=256, lr=1e-4)
     q.add_argument("--model", default="DiT-B/2", choices=sorted(DiT_models))
@@ -1242,7 +1241,7 @@ def build_parser():
     q.add_argument("--T", type=int, default=1000)
     q.add_argument("--no-augment", action="store_true")
 
-    q = sub.add_parser("tune", help="replace representation conditioning by labels; fine-tune on a few labels")
+    q = sub.add_parser("tune", help="replace representation conditioning by labels; fine-tune on a few labels", allow_abbrev=False)
     add_common_args(q)
     add_train_args(q, steps=20_000, batch_size=256, lr=1e-4)
     q.add_argument("--ckpt", required=True, help="a pretrain checkpoint folder (OUT_DIR/ckpt)")
@@ -1254,7 +1253,7 @@ def build_parser():
                    help="rep-mean: start label k at the class-mean representation embedding")
     q.add_argument("--no-augment", action="store_true")
 
-    q = sub.add_parser("classify", help="Diffusion Classifier Zero, with a timestep sweep")
+    q = sub.add_parser("classify", help="Diffusion Classifier Zero, with a timestep sweep", allow_abbrev=False)
     add_common_args(q)
     q.add_argument("--ckpt", required=True)
     q.add_argument("--data-override", default=None)
@@ -1265,14 +1264,14 @@ def build_parser():
     q.add_argument("--batch-size", type=int, default=128, help="images per batch")
     q.add_argument("--max-batch", type=int, default=2048, help="denoiser batch (images x classes) per forward")
 
-    q = sub.add_parser("probe", help="linear probe on the encoder's representation r")
+    q = sub.add_parser("probe", help="linear probe on the encoder's representation r", allow_abbrev=False)
     add_common_args(q)
     q.add_argument("--ckpt", required=True)
     q.add_argument("--data-override", default=None)
     q.add_argument("--labels-per-class", type=int, default=None)
     q.add_argument("--labeled-fraction", type=float, default=None)
 
-    q = sub.add_parser("sample", help="DDPM/DDIM samples, grid PNG, FID")
+    q = sub.add_parser("sample", help="DDPM/DDIM samples, grid PNG, FID", allow_abbrev=False)
     add_common_args(q)
     q.add_argument("--ckpt", required=True)
     q.add_argument("--data-override", default=None)
