@@ -477,7 +477,7 @@ def setup_distributed(device_arg="auto"):
             torch_dist.init_process_group("nccl" if cuda else "gloo")
         device = f"cuda:{local}" if cuda else "cpu"
     else:
-        rank, world, local, device = 0, 1, 0, "cuda" if cuda else "cpu"
+        rank, world, local, device = 0, 1, 0, "cuda:0" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(local)  # an index: torch.device("cuda") without one is refused
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -615,7 +615,7 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
     loss_fn(net, x, y, step) -> scalar loss, where net is the (DDP/compiled) model. Returns (model, ema).
     """
     device = dist.device
-    model.to(device)
+    model.to(device).train()
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     fused = device.type == "cuda"

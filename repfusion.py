@@ -1,0 +1,827 @@
+"""
+RepFusion: distil a diffusion model's features into a student network, with a REINFORCE timestep policy.
+
+Paper: "Diffusion Model as Representation Learner" (Yang & Wang, ICCV 2023, shared/papers/002_*). A frozen
+diffusion network (the teacher) is read at a timestep t: its block feature f_T(x, t) (global-average pooled)
+supervises a student (CIFAR ResNet) through a projector, L_feat = || P(f_S(x)) - f_T(x, t) ||^2. Which t is
+chosen per image by a policy network pi(t | x) (a LeNet-like CNN, a categorical over t bins), trained with
+REINFORCE: the reward is minus the cross-entropy of a small MLP task head that reads f_T(x, t) (the head is
+trained with CE alongside), with a moving-average baseline and an entropy bonus decayed linearly to 0.
+The distilled student is then fine-tuned on labels and compared with the same student trained from scratch.
+
+    python repfusion.py --out-dir runs/demo                # teacher -> distill -> finetune + scratch on `shapes`, CPU
+    python repfusion.py distill --teacher runs/ddae/pretrain --data cifar10 --out-dir runs/rf/distill
+    python repfusion.py finetune --ckpt runs/rf/distill/ckpt --labels-per-class 400 --out-dir runs/rf/finetune
+    python repfusion.py scratch --student resnet18 --data cifar10 --labels-per-class 400 --out-dir runs/rf/scratch
+    torchrun --nproc_per_node=8 repfusion.py distill --teacher ... --t-policy rl --batch-size 128
+
+Teachers: a `ddae_probe.py pretrain` checkpoint (DDPM/EDM UNet; any block by name, default `mid`) or a
+`repcond_dit.py` checkpoint (DiT; `blocks.i`, default the middle block, tokens mean-pooled).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import data
+from data import UserError
+from repcond_dit import (Diffusion, DiT_models, RunLog, add_common_args, add_train_args, autocast,
+                         cleanup_distributed, draw_global, find_checkpoint, fit, linear_probe, load_json, load_run,
+                         load_state_dict_strict, load_weights, resolve_amp, save_heatmap, save_json,
+                         setup_distributed, step_generator)
+
+# ----------------------------------------------------------------------------------------------
+# Models: the student (CIFAR ResNet-18/50), the policy (LeNet-like), the task head
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_ch, ch, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(ch)
+        self.conv2 = nn.Conv2d(ch, ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(ch)
+        self.downsample = None
+        if stride != 1 or in_ch != ch:
+            self.downsample = nn.Sequential(nn.Conv2d(in_ch, ch, 1, stride, bias=False), nn.BatchNorm2d(ch))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_ch, ch, stride=1):
+        super().__init__()
+        out_ch = ch * self.expansion
+        self.conv1 = nn.Conv2d(in_ch, ch, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(ch)
+        self.conv2 = nn.Conv2d(ch, ch, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(ch)
+        self.conv3 = nn.Conv2d(ch, out_ch, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_ch)
+        self.downsample = None
+        if stride != 1 or in_ch != out_ch:
+            self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    """ResNet for 32x32 inputs (the CIFAR variant): 3x3 stride-1 stem, no max-pool, four stages of widths
+    w, 2w, 4w, 8w (w = 64 is the standard ResNet-18/50) at strides 1, 2, 2, 2. Parameter names follow
+    torchvision (conv1, bn1, layerK.i.conv1, downsample.0, fc). num_classes = 0: no fc, forward returns the
+    pooled layer4 feature (N, 8w * expansion)."""
+    def __init__(self, block, layers, width=64, in_channels=3, num_classes=0):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        cur, stages = width, []
+        for i, n in enumerate(layers):
+            ch, blocks = width * 2 ** i, []
+            for j in range(n):
+                blocks.append(block(cur, ch, stride=2 if (i > 0 and j == 0) else 1))
+                cur = ch * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.feature_dim = cur
+        self.fc = nn.Linear(cur, num_classes) if num_classes > 0 else None
+        for m in self.modules():  # torchvision's init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_features(self, x):
+        """-> the four stage outputs [(N, w, H, W), (N, 2w, H/2, W/2), (N, 4w, H/4, W/4), (N, 8w, H/8, W/8)] (x expansion)"""
+        x = F.relu(self.bn1(self.conv1(x)))
+        maps = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+            maps.append(x)
+        return maps
+
+    def forward(self, x):
+        h = self.forward_features(x)[-1].mean(dim=(2, 3))  # (N, D)
+        return h if self.fc is None else self.fc(h)
+
+
+Student_models = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}
+
+
+def build_student(name, width=64, in_channels=3, num_classes=0):
+    block, layers = Student_models[name]
+    return ResNet(block, layers, width, in_channels, num_classes)
+
+
+class PolicyNet(nn.Module):
+    """pi(t | x): a LeNet-5-like CNN (conv 5x5 x6, pool, conv 5x5 x16, pool, fc 120, fc 84) reading the clean
+    image, giving logits of a categorical over n_bins timestep bins. The last layer starts at zero, so the
+    policy starts uniform (the paper: "at first t is randomly selected")."""
+    def __init__(self, in_channels, n_bins):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5, padding=2)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16 * 5 * 5, 120), nn.Linear(120, 84), nn.Linear(84, n_bins)
+        nn.init.zeros_(self.fc3.weight)
+        nn.init.zeros_(self.fc3.bias)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (N, 6, H/2, W/2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (N, 16, H/4, W/4)
+        x = F.adaptive_avg_pool2d(x, 5).flatten(1)  # (N, 400)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))  # (N, n_bins)
+
+
+class TaskHead(nn.Module):
+    """The small MLP that classifies the teacher feature f_T(x, t); its CE is the policy's (negative) reward."""
+    def __init__(self, dim, num_classes, hidden=256):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)  # teacher features of different t differ in scale
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, num_classes)
+
+    def forward(self, f):
+        return self.fc2(F.relu(self.fc1(self.norm(f))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature losses
+
+
+def attention_map(f, p=2):
+    """Attention transfer's spatial map: mean over channels of |f|^p, (N, C, H, W) -> (N, H, W)."""
+    return f.float().abs().pow(p).mean(1)
+
+
+def at_loss(fs, ft):
+    """Attention transfer (Zagoruyko & Komodakis): L2-normalised attention maps should agree. The student's map
+    is resized (bilinear) to the teacher's resolution when they differ; maps have no channels, so no projector."""
+    a_s, a_t = attention_map(fs), attention_map(ft)
+    if a_s.shape[-2:] != a_t.shape[-2:]:
+        a_s = F.interpolate(a_s[:, None], size=a_t.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return (F.normalize(a_s.flatten(1), dim=1) - F.normalize(a_t.flatten(1), dim=1)).pow(2).mean()
+
+
+def _pdist(e, eps=1e-12):
+    sq = e.pow(2).sum(1)
+    d = (sq[:, None] + sq[None, :] - 2 * e @ e.t()).clamp(min=eps).sqrt()
+    return d * (1 - torch.eye(len(e), device=e.device, dtype=d.dtype))
+
+
+def rkd_loss(s, t, w_dist=1.0, w_angle=2.0):
+    """Relational KD (Park et al.): distance-wise (pairwise distances over their mean) and angle-wise (cosines of
+    the angles of every triplet) relations of the batch, smooth-L1; weights 1 : 2 as in the RKD paper (25 : 50).
+    Relations are dimension-free, so the student's pooled feature is used as is (no projector)."""
+    s, t = s.float(), t.float()
+    with torch.no_grad():
+        td = _pdist(t)
+        td = td / (td.sum() / (td > 0).sum().clamp(min=1))  # mean over pairs, without a host sync
+        te = F.normalize(t[None] - t[:, None], p=2, dim=2)
+        ta = torch.bmm(te, te.transpose(1, 2)).flatten()
+    sd = _pdist(s)
+    sd = sd / (sd.sum() / (sd > 0).sum().clamp(min=1)).detach()
+    se = F.normalize(s[None] - s[:, None], p=2, dim=2)
+    sa = torch.bmm(se, se.transpose(1, 2)).flatten()
+    return w_dist * F.smooth_l1_loss(sd, td) + w_angle * F.smooth_l1_loss(sa, ta)
+
+
+FEAT_WEIGHT = {"mse": 1.0, "at": 100.0, "rkd": 1.0}  # at maps are unit vectors: its raw loss is ~1/HW small
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy: sampling reproducibly, REINFORCE with a moving-average baseline and an entropy bonus
+
+
+def sample_categorical(probs, u):
+    """Inverse-CDF draw, one per row of probs (N, K), from uniforms u (N,): reproducible from (seed, step)."""
+    cdf = probs.float().cumsum(1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1).contiguous()).squeeze(1).clamp(max=probs.shape[1] - 1)
+
+
+def reinforce_loss(logits, actions, advantage, entropy_coef, weight=None):
+    """REINFORCE: -E[A * log pi(a | x)] - beta * H(pi(. | x)). advantage (N,) = reward - baseline (no grad);
+    weight (N,) optionally masks and rescales samples (the policy-gradient term only). -> (loss, entropy)"""
+    logp = F.log_softmax(logits.float(), dim=1)
+    entropy = -(logp.exp() * logp).sum(1)  # (N,)
+    pg = advantage.detach() * logp.gather(1, actions[:, None]).squeeze(1)
+    pg = pg.mean() if weight is None else (pg * weight).sum()
+    return -pg - entropy_coef * entropy.mean(), entropy
+
+
+def entropy_coef(step, coef, decay_steps):
+    """The paper's schedule: beta decays linearly from `coef` (0.1) to 0 at `decay_steps` (epoch 100 of 200)."""
+    return coef * max(0.0, 1.0 - step / max(1, decay_steps))
+
+
+HIST_ROWS = 10  # the t histogram is kept per tenth of the run (rows of t_hist.png)
+
+
+class RepFusion(nn.Module):
+    """What distillation trains, as one module for fit/DDP/EMA/checkpoints: student, projector, policy, task head.
+
+    forward(x, y, t_bin, f_t, m_t) returns the feature loss and, per sample, the head's CE and the policy's
+    logits; the frozen teacher runs outside (its f_t, m_t come in). Buffers hold what exact resume needs:
+    the baseline and the histogram of chosen t bins (rows: tenths of the run)."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.feat_loss, self.at_stage = cfg["feat_loss"], cfg.get("at_stage", 3)
+        self.student = build_student(cfg["student"], cfg["width"], cfg["sample_shape"][0])
+        self.projector = nn.Linear(self.student.feature_dim, cfg["teacher_dim"]) if cfg["feat_loss"] == "mse" else None
+        self.policy = PolicyNet(cfg["sample_shape"][0], cfg["t_bins"]) if cfg["t_policy"] == "rl" else None
+        self.head = TaskHead(cfg["teacher_dim"], cfg["num_classes"], cfg["head_hidden"]) if cfg["t_policy"] == "rl" else None
+        self.register_buffer("baseline", torch.zeros(2))  # (value, number of updates)
+        self.register_buffer("t_hist", torch.zeros(HIST_ROWS, cfg["t_bins"], dtype=torch.float64))
+
+    def forward(self, x, y, f_t, m_t):
+        maps = self.student.forward_features(x)
+        s = maps[-1].mean(dim=(2, 3))  # (N, D_s)
+        if self.feat_loss == "mse":
+            feat = F.mse_loss(self.projector(s).float(), f_t.float())
+        elif self.feat_loss == "at":
+            feat = at_loss(maps[self.at_stage], m_t)
+        else:
+            feat = rkd_loss(s, f_t)
+        out = {"feat": feat}
+        if self.head is not None:
+            logits = self.head(f_t.float()).float()
+            out["head_ce"] = F.cross_entropy(logits, y.clamp(min=0), reduction="none")  # (N,)
+            out["head_pred"] = logits.argmax(1).detach()
+        if self.policy is not None:
+            out["logits"] = self.policy(x)  # (N, n_bins)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Teachers: a frozen diffusion network read at timestep t
+
+
+class Teacher:
+    """teacher(x, t, eps) -> (pooled (N, D), map (N, C, h, w)) of one block, the network fed x_t
+    (`noised`, the paper's reading) or the clean image with the timestep t (`clean`, the official code).
+    t is an integer in [0, T); the network never trains: requires_grad False, eval mode."""
+    kind, layer, dim, map_shape, T, net = None, None, 0, None, 1000, None
+
+    def freeze(self):
+        self.net.requires_grad_(False).eval()
+        return self
+
+    def compile(self):
+        """torch.compile the frozen forward (CUDA): the teacher costs more than the student's training step."""
+        self.net = torch.compile(self.net)
+
+    def probe_shape(self, sample_shape, device):
+        x = torch.zeros(2, *sample_shape, device=device)
+        f, m = self(x, torch.zeros(2, dtype=torch.long, device=device), None)
+        self.dim, self.map_shape = f.shape[1], tuple(m.shape[1:])
+
+
+class DiTTeacher(Teacher):
+    """A repcond_dit.py checkpoint: the denoiser's block `blocks.i` (tokens (N, T, D) -> mean over tokens; the map
+    is the tokens on their grid). The blocks after it are dropped. A representation-conditioned DiT gets r from
+    its encoder on the clean z0, as in its pre-training; a label-conditioned one gets the null label."""
+    kind = "dit"
+
+    def __init__(self, ckpt, layer, input_mode, device, vae_path=None, data_spec=None):
+        model, cfg, _, self.space = load_run(ckpt, device, vae_path, data_spec)
+        depth = len(model.denoiser.blocks)
+        layer = layer or f"blocks.{depth // 2}"
+        names = [f"blocks.{i}" for i in range(depth)]
+        if layer not in names:
+            raise UserError(f"--teacher-layer {layer}: not a block of this DiT (blocks.0 .. blocks.{depth - 1})")
+        k = names.index(layer)
+        model.denoiser.blocks = model.denoiser.blocks[:k + 1]  # nothing after the tapped block is needed
+        self.net, self.layer, self.input_mode, self.cfg = model, layer, input_mode, cfg
+        self.diffusion, self.T = Diffusion(cfg["T"], device=device), cfg["T"]
+        self._out = None
+        model.denoiser.blocks[k].register_forward_hook(lambda m, i, o: setattr(self, "_out", o))
+        self.freeze()
+
+    @torch.no_grad()
+    def __call__(self, x, t, eps):
+        z0 = self.space.encode(x, generator=False)
+        z_in = self.diffusion.q_sample(z0, t, eps) if self.input_mode == "noised" and eps is not None else z0
+        den = self.net.denoiser
+        y = torch.full_like(t, den.num_classes) if den.num_classes > 0 else None
+        self.net(z_in, t, z0=z0, y=y)
+        tok = self._out.float()  # (N, T, D)
+        h = int(round(tok.shape[1] ** 0.5))
+        return tok.mean(1), tok.transpose(1, 2).reshape(tok.shape[0], tok.shape[2], h, h)
+
+    def noise_shape(self, x):
+        return self.space.sample_shape
+
+
+class UNetTeacher(Teacher):
+    """A ddae_probe.py checkpoint (DDPM or EDM UNet): block `down.i` / `mid` / `up.i` (default `mid`, as the
+    official release), global-average pooled; the forward stops at that block. For an EDM teacher the policy's
+    integer t is mapped to the VP-equivalent noise level sigma_t = sqrt((1 - abar_t) / abar_t) of the DDPM
+    linear schedule with T = 1000 (t = 11 ~ sigma 0.05), so t means the same for both objectives."""
+    kind = "ddae"
+
+    def __init__(self, ckpt, layer, input_mode, device, vae_path=None, data_spec=None):
+        import ddae_probe
+        net, obj, cfg, self.space = ddae_probe_teacher(ddae_probe, ckpt, device, vae_path, data_spec)
+        names = net.layer_names()
+        layer = layer or ("mid" if "mid" in names else names[len(names) // 2])
+        if layer not in names:
+            raise UserError(f"--teacher-layer {layer}: not a layer of this network (one of {', '.join(names)})")
+        self.net, self.obj, self.layer, self.input_mode, self.cfg = net.truncated(layer), obj, layer, input_mode, cfg
+        self.T = obj.T if obj.kind == "ddpm" else 1000
+        if obj.kind == "edm":
+            abar = Diffusion(1000, device=device).alphas_cumprod
+            self.sigmas = ((1 - abar) / abar).sqrt()
+        self.freeze()
+
+    def level(self, t):
+        return t if self.obj.kind == "ddpm" else self.sigmas[t]
+
+    @torch.no_grad()
+    def __call__(self, x, t, eps):
+        z0 = self.space.encode(x, generator=False)
+        lv = self.level(t)
+        if self.input_mode == "noised" and eps is not None:
+            x_in, cond = self.obj.net_input(z0, lv, eps)
+        elif self.obj.kind == "ddpm":
+            x_in, cond = z0, t.float()  # the official release: the clean image, conditioned on t
+        else:
+            x_in, cond = self.obj.net_input(z0, lv, None)  # EDM's input scaling c_in(sigma) z0, no noise
+        m = self.net(x_in, cond).float()  # (N, C, h, w)
+        return m.mean(dim=(2, 3)), m
+
+    def noise_shape(self, x):
+        return self.space.sample_shape
+
+
+def ddae_probe_teacher(ddae_probe, ckpt, device, vae_path=None, data_spec=None):
+    """A ddae_probe.py pretrain checkpoint -> (UNet, objective, config, Space), through ddae_probe.load_backbone."""
+    a = argparse.Namespace(ckpt=ckpt, dit_path=None, data=data_spec, image_size=None, test_data=None, vae_path=vae_path, amp="auto")
+    one = argparse.Namespace(device=torch.device(device), rank=0, world_size=1, is_main=True)
+    net, obj, space, _, _, cfg = ddae_probe.load_backbone(a, one)
+    return net, obj, cfg, space
+
+
+def ckpt_folder(path, flag):
+    """A checkpoint folder given as itself or as the run folder holding it (OUT_DIR/ckpt)."""
+    for d in (os.path.join(path, "ckpt"), path):
+        try:
+            return find_checkpoint(d)
+        except UserError:
+            pass
+    raise UserError(f"{flag} {path}: no checkpoint here (expected model.safetensors and config.json, or a ckpt/ folder with them)")
+
+
+def teacher_kind(path):
+    """'ddae' | 'dit' for a checkpoint folder (OUT_DIR or OUT_DIR/ckpt), or one clear error."""
+    if not os.path.exists(path):
+        raise UserError(f"--teacher {path}: no such checkpoint folder")
+    if os.path.isfile(path):
+        raise UserError(f"--teacher {path}: expected a checkpoint folder of ddae_probe.py or repcond_dit.py, got a file")
+    d = ckpt_folder(path, "--teacher")
+    cfg = load_json(os.path.join(d, "config.json"))
+    if cfg.get("arch") == "unet" and cfg.get("objective") in ("ddpm", "edm"):
+        return "ddae", d
+    if cfg.get("model") in DiT_models and "sample_shape" in cfg:
+        return "dit", d
+    raise UserError(f"--teacher {path}: not a ddae_probe.py or repcond_dit.py checkpoint "
+                    f"(its config.json has stage {cfg.get('stage')!r}, model {cfg.get('model', cfg.get('student'))!r})")
+
+
+def load_teacher(path, layer=None, input_mode="noised", device="cpu", vae_path=None, data_spec=None):
+    kind, d = teacher_kind(path)
+    cls = UNetTeacher if kind == "ddae" else DiTTeacher
+    return cls(d, layer, input_mode, torch.device(device), vae_path, data_spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: label budgets, distributed sums, evaluation, EMA buffers
+
+
+def _compile_default(args, dist):
+    if args.compile is None:
+        args.compile = dist.device.type == "cuda"
+
+
+def for_device(model, dist):
+    """CUDA: channels_last (conv nets), and SyncBatchNorm under DDP (same parameter names; gloo has no SyncBN)."""
+    if dist.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        if dist.world_size > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def all_sum(x, dist):
+    if dist.world_size > 1:
+        x = x.clone()
+        torch_dist.all_reduce(x)
+    return x
+
+
+def label_budget(ds, labels_per_class, fraction, seed):
+    """(the labeled subset, a copy of ds whose labels outside it are -1). The subset is data.labeled_subset's."""
+    if labels_per_class is None and fraction is None:
+        return ds, ds
+    sub = data.labeled_subset(ds, labels_per_class=labels_per_class, fraction=fraction, seed=seed)
+    idx = labeled_indices(ds, labels_per_class, fraction, seed)
+    masked = ds.labels.clone().fill_(-1)
+    masked[idx] = ds.labels[idx]
+    return sub, dataclasses.replace(ds, labels=masked)
+
+
+def labeled_indices(ds, labels_per_class, fraction, seed):
+    """The indices of data.labeled_subset's choice: the same call on a stand-in whose "images" are the indices."""
+    stand_in = data.Dataset(torch.arange(len(ds)), ds.labels, ds.classes)
+    return data.labeled_subset(stand_in, labels_per_class=labels_per_class, fraction=fraction, seed=seed).images
+
+
+def sync_ema_buffers(model, ema, out_dir, dist):
+    """fit's EMA averages parameters only: give the EMA the model's buffers (BatchNorm statistics, the policy's
+    baseline and t histogram) and rewrite ckpt/ema.safetensors, so an EMA student evaluates correctly."""
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+    if dist.is_main:
+        f = os.path.join(out_dir, "ckpt", "ema.safetensors")
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, f + ".tmp")
+        os.replace(f + ".tmp", f)
+    if dist.world_size > 1:
+        torch_dist.barrier()
+
+
+@torch.no_grad()
+def evaluate(net, ds, dist, amp="none", batch_size=256):
+    """Top-1 accuracy of a classifier on a data set, sharded over ranks."""
+    net.eval()
+    correct, total = torch.zeros((), device=dist.device), torch.zeros((), device=dist.device)
+    for x, y, _ in data.iterate(ds, batch_size, dist.device, rank=dist.rank, world_size=dist.world_size):
+        with autocast(amp, dist.device):
+            logits = net(x)
+        correct += (logits.argmax(1) == y).sum()
+        total += len(y)
+    return (all_sum(correct, dist) / all_sum(total, dist).clamp(min=1)).item()
+
+
+@torch.no_grad()
+def student_features(student, ds, device, amp="none", batch_size=256):
+    student.eval()
+    feats = []
+    for x, _, _ in data.iterate(ds, batch_size, device):
+        with autocast(amp, device):
+            feats.append(student.forward_features(x)[-1].float().mean(dim=(2, 3)))
+    return torch.cat(feats)
+
+
+def t_hist_summary(hist, t_max, rows=None, max_bins=20):
+    """Coarsen a per-bin histogram to at most max_bins bins over [0, t_max): edges and fractions."""
+    h = hist if rows is None else hist[rows]
+    h = h.sum(0) if h.dim() == 2 else h
+    n, D = len(h), min(len(h), max_bins)
+    coarse = torch.zeros(D, dtype=torch.float64).index_add_(0, torch.arange(n) * D // n, h.double().cpu())
+    frac = (coarse / coarse.sum().clamp(min=1)).tolist()
+    edges = [round(j * t_max / D, 3) for j in range(D + 1)]
+    return {"edges": edges, "fraction": [round(v, 4) for v in frac], "n": int(h.sum().item())}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+
+
+def distill(args, teacher=None):
+    """Train student + projector (+ policy + task head) against the frozen teacher's features at policy-chosen t."""
+    dist = setup_distributed(args.device)
+    _compile_default(args, dist)
+    torch.manual_seed(args.seed * dist.world_size + dist.rank)
+    amp = resolve_amp(args.amp, dist.device)
+    ds = data.load(args.data, "train", args.image_size)
+    if teacher is None:
+        teacher = load_teacher(args.teacher, args.teacher_layer, args.teacher_input, dist.device, args.vae_path, args.data)
+    teacher.probe_shape(ds.sample_shape, dist.device)
+    labeled = ds.labels is not None and len(ds.classes) > 0
+    if args.t_policy == "rl" and not labeled:
+        raise UserError(f"--t-policy rl: the reward is the task head's CE, which needs labels; --data {args.data} has none")
+    t_max = args.t_max or teacher.T
+    if not 0 < t_max <= teacher.T or not 0 < args.t_bins <= t_max:
+        raise UserError(f"--t-max must lie in (0, {teacher.T}] and --t-bins in (0, t_max]; got {args.t_max}, {args.t_bins}")
+    if args.t_policy == "fixed" and not 0 <= args.t < t_max:
+        raise UserError(f"--t {args.t}: must lie in [0, {t_max - 1}]")
+    if args.feat_loss == "at" and len(teacher.map_shape) != 3:
+        raise UserError("--feat-loss at needs a spatial teacher map")
+    # only the rl policy reads labels (its reward); fixed and random distillation is label-free
+    _, ds_masked = label_budget(ds, args.labels_per_class, args.labeled_fraction, args.seed) if args.t_policy == "rl" else (ds, ds)
+    student = build_student(args.student, args.width, ds.sample_shape[0])
+    with torch.no_grad():  # pair the teacher map with the student stage of the closest resolution (ties: deeper)
+        sizes = [m.shape[-1] for m in student.forward_features(torch.zeros(1, *ds.sample_shape))]
+    at_stage = min(range(4), key=lambda i: (abs(math.log(sizes[i] / teacher.map_shape[-1])), -i))
+    decay = args.entropy_decay_steps if args.entropy_decay_steps is not None else args.steps // 2
+    hist_every = args.hist_every or max(1, math.ceil(args.steps / HIST_ROWS))
+    cfg = dict(stage="repfusion-distill", student=args.student, width=args.width, sample_shape=list(ds.sample_shape),
+               teacher=args.teacher, teacher_kind=teacher.kind, teacher_layer=teacher.layer, teacher_dim=teacher.dim,
+               teacher_map_shape=list(teacher.map_shape), teacher_input=args.teacher_input, T=teacher.T,
+               feat_loss=args.feat_loss, at_stage=at_stage, t_policy=args.t_policy, t_bins=args.t_bins, t_max=t_max,
+               t=args.t, num_classes=len(ds.classes) if labeled else 0, head_hidden=args.head_hidden,
+               entropy_decay_steps=decay, hist_every=hist_every, data=args.data, image_size=args.image_size,
+               classes=ds.classes, args=vars(args))
+    model = for_device(RepFusion(cfg), dist)
+    if args.compile and hasattr(teacher, "compile"):
+        teacher.compile()
+    weight = args.feat_weight if args.feat_weight is not None else FEAT_WEIGHT[args.feat_loss]
+    loader = data.Loader(ds_masked, args.batch_size, dist.device, seed=args.seed, augment=not args.no_augment,
+                         rank=dist.rank, world_size=dist.world_size)
+    n_bins = args.t_bins
+    window = torch.zeros(4, dtype=torch.float64, device=dist.device)  # feature loss, head CE, head correct, labeled
+
+    def loss_fn(net, x, y, step):
+        g, n = step_generator(args.seed, step, dist.device), x.shape[0]
+        u_pick = draw_global(g, "rand", n, dist)  # the policy's categorical draw
+        u_bin = draw_global(g, "rand", n, dist)  # where in its bin t falls
+        eps = draw_global(g, "randn", n, dist, *teacher.noise_shape(x))
+        if args.t_policy == "rl":
+            with torch.no_grad():
+                t_bin = sample_categorical(F.softmax(model.policy(x).float(), dim=1), u_pick)
+        elif args.t_policy == "random":
+            t_bin = (u_pick * n_bins).long().clamp(max=n_bins - 1)
+        else:
+            t_bin = torch.full((n,), args.t * n_bins // t_max, dtype=torch.long, device=x.device)
+        t = torch.full_like(t_bin, args.t) if args.t_policy == "fixed" else \
+            ((t_bin + u_bin) * (t_max / n_bins)).long().clamp(max=t_max - 1)
+        f_t, m_t = teacher(x, t, eps)
+        out = net(x, y, f_t, m_t)
+        loss = weight * out["feat"]
+        if step % args.log_every == 0:  # the diagnostics cover the last log window
+            window.zero_()
+        window[0] += out["feat"].detach()
+        counts = torch.zeros(n_bins, dtype=torch.float64, device=x.device)
+        stats = [counts.index_add_(0, t_bin, torch.ones_like(counts[t_bin]))]  # bincount without a host sync
+        if "head_ce" in out:  # the head (and the reward) see only the labeled samples of the budget
+            lab = (y >= 0).float()
+            reward = -out["head_ce"].detach()
+            stats.append(torch.stack([(reward * lab).sum(), lab.sum()]).double())
+        with torch.no_grad():  # one collective a step: t counts, reward sum, labeled count over the global batch
+            s = all_sum(torch.cat(stats), dist)
+            model.t_hist[min(step // hist_every, HIST_ROWS - 1)] += s[:n_bins]
+        if "head_ce" in out:
+            r_sum, n_lab = s[n_bins].float(), s[n_bins + 1].float().clamp(min=1)
+            w = lab * dist.world_size / n_lab  # after DDP's mean over ranks: the mean over the global labeled batch
+            loss = loss + (out["head_ce"] * w).sum()
+            correct = ((out["head_pred"] == y) * lab).sum()
+            window[1:] += torch.stack([(out["head_ce"].detach() * lab).sum(), correct, lab.sum()]).double()
+            if "logits" in out:
+                b, nb = model.baseline
+                adv = reward - torch.where(nb > 0, b, r_sum / n_lab)  # first step: the batch mean
+                pg, _ = reinforce_loss(out["logits"], t_bin, adv, entropy_coef(step, args.entropy_coef, decay), weight=w)
+                loss = loss + pg
+            with torch.no_grad():  # moving-average baseline, identical on every rank (DDP broadcasts buffers)
+                b, nb, m = model.baseline[0], model.baseline[1], args.baseline_momentum
+                new = torch.stack([torch.where(nb > 0, m * b + (1 - m) * r_sum / n_lab, r_sum / n_lab), nb + 1])
+                model.baseline.copy_(torch.where(s[n_bins + 1] > 0, new, model.baseline))
+        return loss
+
+    t0 = time.time()
+    model, ema = fit(model, loss_fn, loader, args, dist, args.out_dir, cfg)
+    sync_ema_buffers(model, ema, args.out_dir, dist)
+    seconds = time.time() - t0
+    w = all_sum(window, dist)
+    w[0] /= dist.world_size * ((args.steps - 1) % args.log_every + 1)
+    hist = model.t_hist.cpu()
+    used = min(HIST_ROWS, math.ceil(args.steps / hist_every))
+    t_mean = float((hist.sum(0) * ((torch.arange(n_bins) + 0.5) * t_max / n_bins)).sum() / hist.sum().clamp(min=1)) \
+        if args.t_policy != "fixed" else float(args.t)
+    metrics = {"t_policy": args.t_policy, "t_hist": t_hist_summary(hist, t_max),
+               "t_hist_last": t_hist_summary(hist, t_max, rows=used - 1),
+               "t_mean": t_mean, "feat_loss": args.feat_loss, "teacher_kind": teacher.kind, "teacher_layer": teacher.layer,
+               "teacher_input": args.teacher_input, "teacher_dim": teacher.dim, "baseline": float(model.baseline[0]),
+               "n_reward_labels": int((ds_masked.labels >= 0).sum()) if args.t_policy == "rl" else 0,
+               "final_feat_loss": w[0].item(), "steps": args.steps, "seconds": seconds}
+    if args.t_policy == "rl":  # the task head on the teacher feature at the chosen t (labeled samples, last log window)
+        metrics.update(final_head_ce=(w[1] / w[3].clamp(min=1)).item(), final_head_acc=(w[2] / w[3].clamp(min=1)).item())
+    log = [json.loads(line) for line in open(os.path.join(args.out_dir, "log.jsonl"))] if dist.is_main else []
+    if log:
+        metrics["loss"] = log[-1]["loss"]
+        metrics["img_s"] = sum(r["img_s"] for r in log[1:]) / max(1, len(log) - 1) if len(log) > 1 else log[-1]["img_s"]
+    if dist.is_main:
+        RunLog(args.out_dir, dist).metrics(metrics)
+        full = {"bin_edges": [b * t_max / n_bins for b in range(n_bins + 1)], "hist_every": hist_every,
+                "counts_per_tenth": hist[:used].tolist(), "counts": hist.sum(0).tolist()}
+        save_json(os.path.join(args.out_dir, "t_hist.json"), full)
+        D = min(n_bins, 20)
+        rows = [t_hist_summary(hist[r], t_max, max_bins=D)["fraction"] for r in range(used)]
+        save_heatmap(rows, os.path.join(args.out_dir, "t_hist.png"),
+                     [f"<={min(args.steps, (r + 1) * hist_every)}" for r in range(used)],
+                     [f"{round(j * t_max / D)}" for j in range(D)], fmt="{:.2f}",
+                     title=f"chosen t ({args.t_policy}) per tenth of training")
+        print(f"distill done: t policy {args.t_policy}, mean t {t_mean:.1f}, last tenth "
+              f"{metrics['t_hist_last']['fraction']} over bins from {metrics['t_hist_last']['edges'][:-1]}")
+    return metrics
+
+
+def train_classifier(args, init=None):
+    """finetune (init = a distill checkpoint: the student's weights) or scratch (init None): CE on the labeled
+    subset, then top-1 accuracy on the test split."""
+    dist = setup_distributed(args.device)
+    _compile_default(args, dist)
+    torch.manual_seed(args.seed * dist.world_size + dist.rank)
+    amp = resolve_amp(args.amp, dist.device)
+    dcfg, sd = None, None
+    if init is not None:
+        d = ckpt_folder(init, "--ckpt")
+        dcfg = load_json(os.path.join(d, "config.json"))
+        if dcfg.get("stage") != "repfusion-distill":
+            raise UserError(f"--ckpt {init}: not a `repfusion.py distill` checkpoint (stage {dcfg.get('stage')!r})")
+        sd = {k[len("student."):]: v for k, v in load_weights(d, RepFusion(dcfg)).state_dict().items() if k.startswith("student.")}
+    spec = (args.data_override or dcfg["data"]) if dcfg else args.data
+    image_size = dcfg.get("image_size") if dcfg else args.image_size
+    ds = data.load(spec, "train", image_size)
+    if ds.labels is None or not ds.classes:
+        raise UserError(f"--data {spec}: fine-tuning needs a labeled data set")
+    test = data.load(spec, "test", image_size)
+    sub, _ = label_budget(ds, args.labels_per_class, args.labeled_fraction, args.seed)
+    student_name, width = (dcfg["student"], dcfg["width"]) if dcfg else (args.student, args.width)
+    if dcfg and list(ds.sample_shape) != list(dcfg["sample_shape"]):
+        raise UserError(f"--data {spec}: samples are {tuple(ds.sample_shape)}, "
+                        f"the student was distilled on {tuple(dcfg['sample_shape'])}")
+    K = len(ds.classes)
+    model = for_device(build_student(student_name, width, ds.sample_shape[0], num_classes=K), dist)
+    probe_acc = None
+    if sd is not None:
+        own = model.state_dict()
+        sd = dict(sd, **{k: own[k] for k in ("fc.weight", "fc.bias")})
+        load_state_dict_strict(model, sd, init)
+        model.to(dist.device)  # the frozen distilled student, before any label: a linear probe of its features
+        probe_acc = linear_probe(student_features(model, sub, dist.device, amp), sub.labels.to(dist.device),
+                                 student_features(model, test, dist.device, amp), test.labels.to(dist.device), K)
+        model.train()
+    stage = "repfusion-finetune" if init else "repfusion-scratch"
+    cfg = dict(stage=stage, student=student_name, width=width, sample_shape=list(ds.sample_shape), num_classes=K,
+               init_from=init, data=spec, image_size=image_size, classes=ds.classes, n_labeled=len(sub), args=vars(args))
+    loader = data.Loader(sub, args.batch_size, dist.device, seed=args.seed, augment=not args.no_augment,
+                         rank=dist.rank, world_size=dist.world_size)
+
+    def loss_fn(net, x, y, step):
+        return F.cross_entropy(net(x).float(), y)
+    t0 = time.time()
+    model, ema = fit(model, loss_fn, loader, args, dist, args.out_dir, cfg)
+    sync_ema_buffers(model, ema, args.out_dir, dist)
+    acc = evaluate(ema, test, dist, amp)
+    metrics = {"accuracy": acc, "chance": 1.0 / K, "n_labeled": len(sub), "n_test": len(test), "init": init,
+               "steps": args.steps, "seconds": time.time() - t0}
+    if probe_acc is not None:
+        metrics["probe_accuracy"] = probe_acc
+    RunLog(args.out_dir, dist).metrics(metrics)
+    if dist.is_main:
+        print(f"{stage.split('-')[1]}: test accuracy {acc:.4f} (chance {1 / K:.4f}, {len(sub)} labels)"
+              + (f"; linear probe on the distilled student {probe_acc:.4f}" if probe_acc is not None else ""))
+    return metrics
+
+
+def finetune(args):
+    return train_classifier(args, init=args.ckpt)
+
+
+def scratch(args):
+    return train_classifier(args, init=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The bare run: teacher -> distill -> finetune, and the scratch baseline, on `shapes` on the CPU
+
+
+def train_teacher(args, out):
+    """A small teacher for the bare run: ddae_probe.py's tiny DDPM UNet (base width --teacher-ch), pre-trained on the same data."""
+    import ddae_probe
+    ddae_probe.pretrain(ddae_probe.build_parser().parse_args(  # not main(): that would end a torchrun process group
+        ["pretrain", "--out-dir", out, "--data", args.data, "--device", args.device, "--seed", str(args.seed), "--model", "tiny",
+         "--ch", str(args.teacher_ch), "--objective", "ddpm", "--steps", str(args.teacher_steps), "--batch-size", "32",
+         "--lr", "2e-3", "--warmup", "50", "--ema-decay", "0.999", "--log-every", "100", "--ckpt-every", str(args.teacher_steps)]))
+    return out
+
+
+def pipeline(args):
+    """python repfusion.py --out-dir D: teacher (or --teacher), distill, finetune, and the scratch baseline."""
+    t0 = time.time()
+    out = args.out_dir
+    teacher = args.teacher or train_teacher(args, os.path.join(out, "teacher"))
+    t_teacher = time.time() - t0
+    common = ["--data", args.data, "--device", args.device, "--seed", str(args.seed), "--amp", args.amp]
+    if args.compile is not None:
+        common.append("--compile" if args.compile else "--no-compile")
+    lab = ["--labels-per-class", str(args.labels_per_class)]
+    train = ["--batch-size", str(args.batch_size), "--lr", str(args.lr), "--log-every", "50", "--ema-decay", str(args.ema_decay)]
+    p = build_parser()
+    r_d = distill(p.parse_args(["distill", "--teacher", teacher, "--out-dir", f"{out}/distill", *common, *train,
+                                "--steps", str(args.steps), "--student", args.student, "--width", str(args.width),
+                                "--t-policy", args.t_policy, "--t-bins", str(args.t_bins), "--teacher-input", args.teacher_input,
+                                *(lab if args.reward_labels == "budget" else [])]))
+    r_f = finetune(p.parse_args(["finetune", "--ckpt", f"{out}/distill/ckpt", "--out-dir", f"{out}/finetune", *common, *lab, *train,
+                                 "--steps", str(args.finetune_steps)]))
+    r_s = scratch(p.parse_args(["scratch", "--out-dir", f"{out}/scratch", *common, *lab, *train, "--steps", str(args.finetune_steps),
+                                "--student", args.student, "--width", str(args.width)]))
+    metrics = {"student_acc": r_f["accuracy"], "scratch_acc": r_s["accuracy"], "chance": r_f["chance"],
+               "student_probe_acc": r_f.get("probe_accuracy"), "t_policy": r_d["t_policy"], "t_hist": r_d["t_hist"],
+               "t_hist_last": r_d["t_hist_last"], "t_mean": r_d["t_mean"], "n_labeled": r_f["n_labeled"], "n_test": r_f["n_test"],
+               "n_reward_labels": r_d["n_reward_labels"],
+               "teacher": teacher, "teacher_layer": r_d["teacher_layer"], "teacher_input": r_d["teacher_input"],
+               "student": args.student, "width": args.width,
+               "seconds": {"teacher": t_teacher, "distill": r_d["seconds"], "finetune": r_f["seconds"], "scratch": r_s["seconds"],
+                           "total": time.time() - t0}}
+    if int(os.environ.get("RANK", 0)) != 0:
+        return metrics
+    save_json(os.path.join(out, "metrics.json"), metrics)
+    print(f"\nstudent (distilled + fine-tuned) {metrics['student_acc']:.3f} | scratch {metrics['scratch_acc']:.3f} | "
+          f"chance {metrics['chance']:.3f} | linear probe on the distilled student {metrics['student_probe_acc']:.3f} | "
+          f"{metrics['n_labeled']} labels | mean t {metrics['t_mean']:.0f} | {metrics['seconds']['total']:.0f} s")
+    return metrics
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # else a sub-command flag such as --t is "ambiguous" here
+    add_common_args(p)
+    p.add_argument("--teacher", default=None, help="pipeline: reuse this teacher checkpoint instead of training one")
+    p.add_argument("--teacher-steps", type=int, default=600, help="pipeline: teacher pre-training steps")
+    p.add_argument("--teacher-ch", type=int, default=16, help="pipeline: the teacher UNet's base width")
+    p.add_argument("--teacher-input", default="noised", choices=["noised", "clean"])
+    p.add_argument("--steps", type=int, default=400, help="pipeline: distillation steps")
+    p.add_argument("--finetune-steps", type=int, default=200, help="pipeline: fine-tune and scratch steps")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--ema-decay", type=float, default=0.99)
+    p.add_argument("--student", default="resnet18", choices=sorted(Student_models))
+    p.add_argument("--width", type=int, default=16, help="pipeline: student base width (64 = the standard ResNet)")
+    p.add_argument("--t-policy", default="rl", choices=["rl", "fixed", "random"])
+    p.add_argument("--t-bins", type=int, default=10)
+    p.add_argument("--labels-per-class", type=int, default=10, help="pipeline: the label budget of finetune and scratch")
+    p.add_argument("--reward-labels", default="all", choices=["all", "budget"],
+                   help="pipeline: labels the rl reward reads: all train labels (the paper's setting) or only the budget")
+    sub = p.add_subparsers(dest="cmd")
+
+    q = sub.add_parser("distill", help="distil the teacher's features into the student (with the t policy)")
+    add_common_args(q)
+    add_train_args(q, steps=78_000, batch_size=128, lr=1e-3)  # 200 epochs of CIFAR-10 at batch 128
+    q.add_argument("--teacher", required=True, help="a ddae_probe.py or repcond_dit.py checkpoint folder")
+    q.add_argument("--teacher-layer", default=None,
+                   help="block name (ddae: down.i | mid | up.i, default mid; DiT: blocks.i, default the middle one)")
+    q.add_argument("--teacher-input", default="noised", choices=["noised", "clean"],
+                   help="noised: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (the paper); clean: x0 with t (the official code)")
+    q.add_argument("--student", default="resnet18", choices=sorted(Student_models))
+    q.add_argument("--width", type=int, default=64, help="student base width (64: the standard ResNet)")
+    q.add_argument("--feat-loss", default="mse", choices=["mse", "at", "rkd"])
+    q.add_argument("--feat-weight", type=float, default=None, help="feature loss weight (default: mse 1, at 100, rkd 1)")
+    q.add_argument("--t-policy", default="rl", choices=["rl", "fixed", "random"])
+    q.add_argument("--t", type=int, default=10, help="fixed: the timestep")
+    q.add_argument("--t-bins", type=int, default=1000, help="the policy's categorical: bins over [0, t_max)")
+    q.add_argument("--t-max", type=int, default=None, help="t ranges over [0, t_max) (default: the teacher's T)")
+    q.add_argument("--entropy-coef", type=float, default=0.1)
+    q.add_argument("--entropy-decay-steps", type=int, default=None, help="entropy bonus reaches 0 here (default: steps / 2)")
+    q.add_argument("--baseline-momentum", type=float, default=0.9)
+    q.add_argument("--head-hidden", type=int, default=256)
+    q.add_argument("--hist-every", type=int, default=None, help="steps per row of the t histogram (default: steps / 10)")
+    q.add_argument("--labels-per-class", type=int, default=None, help="labels the task head may read (default: all)")
+    q.add_argument("--labeled-fraction", type=float, default=None)
+    q.add_argument("--no-augment", action="store_true")
+
+    for name, hlp in (("finetune", "fine-tune the distilled student on labels"),
+                      ("scratch", "the same student from scratch, same labels")):
+        q = sub.add_parser(name, help=hlp)
+        add_common_args(q)
+        add_train_args(q, steps=20_000, batch_size=128, lr=1e-3)
+        if name == "finetune":
+            q.add_argument("--ckpt", required=True, help="a distill checkpoint folder (OUT_DIR/ckpt)")
+            q.add_argument("--data-override", default=None, help="labeled data other than the distillation data")
+        else:
+            q.add_argument("--student", default="resnet18", choices=sorted(Student_models))
+            q.add_argument("--width", type=int, default=64)
+            q.set_defaults(data_override=None)
+        q.add_argument("--labels-per-class", type=int, default=None)
+        q.add_argument("--labeled-fraction", type=float, default=None)
+        q.add_argument("--no-augment", action="store_true")
+    return p
+
+
+def main(args):
+    stages = {"distill": distill, "finetune": finetune, "scratch": scratch, None: pipeline}
+    try:
+        return stages[args.cmd](args)
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    try:
+        main(build_parser().parse_args())
+    except UserError as e:
+        sys.exit(f"error: {e}")
