@@ -1,0 +1,301 @@
+"""diffusion_classifier.py: paired noise, stage reuse, official DiT files, the ddae UNet, resume + shards,
+the sequential test, calibration, and accuracy above chance on `shapes` with a quickly trained DiT."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+import data
+import diffusion_classifier as dc
+import repcond_dit as rd
+from data import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REF = os.path.join(ROOT, "..", "shared", "reference", "dit_official_keys.json")
+if not os.path.exists(REF):  # CI clones the repo with shared/ beside it
+    REF = os.path.join(os.path.dirname(ROOT), "shared", "reference", "dit_official_keys.json")
+
+
+def run(argv):
+    return dc.main(dc.build_parser().parse_args(argv))
+
+
+def images_ds(n=6, K=3, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return data.Dataset(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
+                        torch.arange(n) % K, [f"c{k}" for k in range(K)])
+
+
+class Recorder(nn.Module):
+    """A class-conditional 'denoiser' that records every input it sees and answers a class-dependent guess."""
+    def __init__(self, K):
+        super().__init__()
+        self.K, self.seen = K, []
+
+    def forward(self, x, t, y):
+        self.seen += [(x[i].clone(), int(t[i]), int(y[i])) for i in range(len(x))]
+        return 0.5 * x + 0.1 * y.float().view(-1, 1, 1, 1)
+
+
+def random_dit(K=3, size=8, C=3, seed=0):
+    """A tiny DiT with random (not adaLN-zero) weights, so every class gives a different eps."""
+    torch.manual_seed(seed)
+    dit = rd.DiT(input_size=size, in_channels=C, num_classes=K, learn_sigma=False, **rd.DiT_models["DiT-XS/4"])
+    for p in dit.parameters():
+        p.data.normal_(0, 0.05)
+    return dit.eval()
+
+
+def run_images(den, ds, policy, M, seed=0, batch_size=4, max_batch=7):
+    diffusion = rd.Diffusion(1000)
+    grid = dc.timestep_grid(1000, M)
+    space = rd.Space(ds, None, torch.device("cpu"))
+    ef = dc.ErrorFn(den, diffusion, grid, max_batch=max_batch)
+    r = dc.classify_images(ef, space, ds, range(len(ds)), policy, M, den.num_classes, seed, 0, batch_size, None, torch.device("cpu"))
+    return r, ef
+
+
+# ---------------------------------------------------------------------------------------------- the estimator
+
+def test_paired_noise_every_class_sees_the_same_noisy_input():
+    K, M, ds = 4, 5, images_ds(n=6, K=4)
+    rec = Recorder(K)
+    den = dc.Denoiser(rec, K, (3, 8, 8))
+    r, ef = run_images(den, ds, dc.full_policy(M), M)
+    assert ef.passes == len(rec.seen) == len(ds) * K * M and (r["nfe"] == K * M).all()
+    groups = {}
+    for x, t, y in rec.seen:
+        groups.setdefault((t, x.numpy().tobytes()), []).append(y)
+    assert len(groups) == len(ds) * M  # one noisy input per (image, slot), ...
+    assert all(sorted(ys) == list(range(K)) for ys in groups.values())  # ... shared by every class
+    assert sorted({t for t, _ in groups}) == dc.timestep_grid(1000, M) == [100, 300, 500, 700, 900]
+    # re-running draws the same noise (a pure function of seed and image index); another seed does not
+    r2, _ = run_images(dc.Denoiser(Recorder(K), K, (3, 8, 8)), ds, dc.full_policy(M), M)
+    r3, _ = run_images(dc.Denoiser(Recorder(K), K, (3, 8, 8)), ds, dc.full_policy(M), M, seed=1)
+    assert torch.equal(r["E"], r2["E"]) and not torch.allclose(r["E"], r3["E"])
+
+
+def test_stages_that_prune_nothing_equal_the_exhaustive_schedule_and_reuse_errors():
+    K, M, ds = 3, 8, images_ds(n=6, K=3)
+    den = dc.Denoiser(random_dit(K), K, (3, 8, 8))
+    full, ef_full = run_images(den, ds, dc.full_policy(M), M)
+    same, ef_same = run_images(den, ds, dc.paper_policy(M, [2, 4, 8], [K, K, K]), M)
+    assert torch.equal(same["pred"], full["pred"]) and (same["nfe"] == K * M).all()
+    assert torch.allclose(same["E"], full["E"], rtol=1e-5, atol=1e-7) and ef_same.passes == ef_full.passes
+    # stage 2 evaluates only the slots stage 1 did not, for the 2 kept classes: K*2 + 2*6 passes, same errors
+    pruned, ef = run_images(den, ds, dc.paper_policy(M, [2, 8], [2, 1]), M)
+    assert (pruned["nfe"] == K * 2 + 2 * 6).all() and ef.passes == len(ds) * (K * 2 + 2 * 6)
+    seen = ~pruned["E"].isnan()
+    assert torch.allclose(pruned["E"][seen], full["E"][seen], rtol=1e-5, atol=1e-7)
+    assert (seen.sum(2).sort(1).values == torch.tensor([2, 8, 8])).all()  # the kept classes got every slot
+    assert (pruned["pred"] == full["E"][:, :, :].where(seen, torch.tensor(float("inf"))).mean(2).argmin(1)).all()
+
+
+def test_official_release_stage_subsets_and_costs():
+    pol = dc.paper_policy(500, [50, 500], [5, 1])
+    grid = dc.timestep_grid(1000, 500)
+    assert grid[:3] == [1, 3, 5] and [grid[j] for j in pol.order[:3]] == [11, 31, 51] and len(pol.order) == 500
+    r = dc.simulate(torch.rand(3, 10, 500), pol)
+    assert (r["nfe"] == 10 * 50 + 5 * 450).all()  # 2,750 passes per CIFAR-10 image, as the official release
+
+
+def test_sequential_test_stops_early_and_keeps_the_true_class():
+    g = torch.Generator().manual_seed(0)
+    N, K, M = 64, 10, 32
+    slot = torch.rand(1, 1, M, generator=g) * 2  # timestep effects shared by every class (what pairing cancels)
+    E = slot + 0.05 * torch.randn(N, K, M, generator=g)
+    y = torch.randint(0, K, (N,), generator=g)
+    E[torch.arange(N), y] -= 0.1  # the true class is better, by less than the spread of the errors over t
+    full = dc.simulate(E, dc.full_policy(M))
+    seq = dc.simulate(E, dc.paper_policy(M, [M], [1], alpha=0.05))
+    assert (full["pred"] == y).all() and (seq["pred"] == y).all()
+    assert seq["nfe"].float().mean() < 0.5 * full["nfe"].float().mean()
+    assert abs(dc.t_quantile(0.025, 10) - 2.228) < 1e-3 and abs(dc.t_quantile(0.005, 1) - 63.657) < 1e-2
+
+
+def test_auto_schedule_is_cheaper_and_as_accurate_on_validation():
+    g = torch.Generator().manual_seed(1)
+    N, K, M = 80, 5, 16
+    E = torch.rand(1, 1, M, generator=g) + 0.3 * torch.randn(N, K, M, generator=g)
+    y = torch.arange(N) % K
+    E[torch.arange(N), y, 3:6] -= 0.6  # only slots 3..5 carry the class
+    pol, info = dc.search_policy(E, y, log=lambda *a: None)
+    assert info["val_accuracy"] >= info["val_accuracy_full"] and info["val_nfe"] < info["val_nfe_full"] / 2
+    assert set(pol.order[:2]) <= {3, 4, 5}
+
+
+def test_tau_fit_calibrates_overconfident_scores():
+    g = torch.Generator().manual_seed(0)
+    N, K = 400, 5
+    y = torch.randint(0, K, (N,), generator=g)
+    logits = torch.randn(N, K, generator=g)
+    logits[torch.arange(N), y] += 1.0
+    y = torch.where(torch.rand(N, generator=g) < 0.3, torch.randint(0, K, (N,), generator=g), y)  # label noise
+    delta = (logits.max(1, keepdim=True).values - logits) * 0.01  # errors on a tiny scale: softmax(-delta) ~ uniform
+    nll_raw, _ = dc.nll_ece(dc.class_probs(delta, 1.0), y)
+    tau = dc.fit_tau(delta, y)
+    nll, ece = dc.nll_ece(dc.class_probs(delta, tau), y)
+    assert 0.001 < tau < 0.1 and nll < nll_raw - 0.05 and ece < 0.1
+    assert dc.nll_ece(torch.eye(3), torch.tensor([0, 1, 2])) == (pytest.approx(0.0, abs=1e-6), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- denoisers
+
+def _official_file(tmp_path, name):
+    """Random fp32 weights with the release's names and shapes, raw state dict. Blocks share block 0's tensors
+    (torch.save writes a shared storage once), so the 675M-parameter XL/2 file stays ~100 MB."""
+    ref = json.load(open(REF))[name]
+    g, sd = torch.Generator().manual_seed(0), {}
+    for k, shape in ref.items():
+        p = k.split(".")
+        first = ".".join(["blocks", "0", *p[2:]]) if p[0] == "blocks" else k
+        sd[k] = sd[first] if first in sd else torch.randn(shape, generator=g) * 0.02
+    path = tmp_path / f"{name.replace('/', '-')}-256x256.pt"
+    torch.save(sd, path)
+    return path
+
+
+def _latents_file(path, n=1, K=1000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(n, 4, 32, 32, generator=g)
+    t = {"mean": mean, "std": torch.ones_like(mean) * 0.1, "mean_flip": mean.flip(3), "std_flip": torch.ones_like(mean) * 0.1,
+         "labels": torch.arange(n) % 3 + 1}
+    save_file(t, str(path), metadata={"format": "repcond-latents-v1", "scaling_factor": "0.18215", "image_size": "256",
+                                      "classes": json.dumps([f"n{k:08d}" for k in range(K)]), "source": "test"})
+    return path
+
+
+@pytest.mark.parametrize("name", ["DiT-B/2", "DiT-XL/2"])
+def test_official_dit_file_loads_and_classifies_a_latent(tmp_path, name):
+    ckpt, lat = _official_file(tmp_path, name), _latents_file(tmp_path / "lat.safetensors")
+    n_t = 2 if name == "DiT-B/2" else 1  # XL/2: 2 passes of 118 GFLOPs on the CPU
+    m = run(["classify", "--ckpt", str(ckpt), "--data", str(lat), "--classes", "1", "2", "--n-samples", str(n_t),
+             "--n-val", "0", "--device", "cpu", "--out-dir", str(tmp_path / "cls"), "--no-progress"])
+    assert m["n_images"] == 1 and m["nfe_per_image"] == 2 * n_t and m["chance"] == 0.5
+    rec = json.loads(open(tmp_path / "cls" / "results" / "shard-0000-of-0001.jsonl").readline())
+    assert rec["pred"] in (1, 2) and rec["err"][0] is None and all(v is not None for v in rec["err"][1:3])
+    den, _ = dc.load_denoiser(str(ckpt))
+    assert den.kind == "dit-official" and den.num_classes == 1000 and den.net.out_channels == 8
+
+
+def test_ddae_unet_trained_class_conditionally_classifies(tmp_path):
+    ddae = pytest.importorskip("ddae_probe")
+    unet = dict(ddae.UNet_models["tiny"], in_channels=3, image_size=32, num_classes=10)
+    net = ddae.UNet(**unet)
+    for p in net.parameters():
+        p.data.normal_(0, 0.02)
+    cfg = dict(stage="pretrain", arch="unet", model="tiny", unet=ddae._unet_config(unet), objective="ddpm", T=1000,
+               beta_range=[1e-4, 0.02], sample_shape=[3, 32, 32], num_classes=10, data="shapes", image_size=None,
+               vae_path=None, classes=data.SHAPES_CLASSES)
+    rd.save_checkpoint(str(tmp_path / "ckpt"), net, net, None, 0, cfg)
+    m = run(["classify", "--ckpt", str(tmp_path / "ckpt"), "--n-test", "4", "--n-samples", "2", "--n-val", "0",
+             "--classes", "0", "1", "2", "--device", "cpu", "--out-dir", str(tmp_path / "cls"), "--no-progress"])
+    assert m["n_images"] == 4 and m["nfe_per_image"] == 6
+    den, _ = dc.load_denoiser(str(tmp_path / "ckpt"))
+    assert den.kind == "ddae-unet" and den(torch.randn(2, 3, 32, 32), torch.tensor([3, 900]), torch.tensor([0, 9])).shape == (2, 3, 32, 32)
+
+
+def test_unconditional_or_missing_checkpoints_give_one_clear_error(tmp_path):
+    cfg = dict(stage="pretrain", model="DiT-XS/8", cond="none", sample_shape=[3, 32, 32], num_classes=0, T=1000, data="shapes")
+    rd.save_checkpoint(str(tmp_path / "ckpt"), rd.build_model(cfg), None, None, 0, cfg)
+    with pytest.raises(UserError, match="not class-conditional"):
+        dc.load_denoiser(str(tmp_path / "ckpt"))
+    with pytest.raises(UserError, match="no such file or folder"):
+        dc.load_denoiser(str(tmp_path / "nothing"))
+
+
+# ---------------------------------------------------------------------------------------------- a trained model
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A DiT-XS/4 trained briefly on `shapes` at 16x16 (class-conditional, label dropout), shared by the tests below."""
+    out = tmp_path_factory.mktemp("dc") / "train"
+    run(["train", "--data", "shapes", "--image-size", "16", "--model", "DiT-XS/4", "--steps", "600", "--batch-size", "32", "--lr", "2e-3",
+         "--warmup", "20", "--n-val", "60", "--log-every", "100", "--ckpt-every", "600", "--device", "cpu", "--out-dir", str(out)])
+    return out / "ckpt"
+
+
+def classify_args(ckpt, out, *extra):
+    return ["classify", "--ckpt", str(ckpt), "--out-dir", str(out), "--device", "cpu", "--n-test", "40", "--n-samples", "8",
+            "--n-val", "0", "--batch-size", "8", "--no-progress", *extra]
+
+
+def test_accuracy_above_chance_on_shapes_with_auto_schedule(trained, tmp_path):
+    m = run(classify_args(trained, tmp_path / "auto", "--schedule", "auto", "--n-val", "60", "--n-test", "80"))
+    full = run(classify_args(trained, tmp_path / "full", "--schedule", "full", "--n-val", "60", "--n-test", "80",
+                             "--calibration", str(tmp_path / "auto" / "calibration.json")))
+    # chance is 10%: 20 or more right of 80 has probability 0.2% under chance
+    assert full["accuracy"] >= 0.25 and full["chance"] == 0.1 and full["nfe_per_image"] == 80
+    assert m["accuracy"] >= 0.25 and m["nfe_per_image"] <= 0.25 * 80 + 1e-6  # --auto-budget 0.25 is a hard cap
+    assert m["calibrated"] and 0 <= m["ece"] <= 1 and m["nll"] < 2.3  # better than uniform
+    assert os.path.exists(tmp_path / "full" / "confusion.png") and json.load(open(tmp_path / "full" / "metrics.json"))["img_s"] > 0
+    cal = json.load(open(tmp_path / "auto" / "calibration.json"))
+    assert cal["val"]["n"] == 60 and cal["auto_policy"] == m_policy(tmp_path / "auto")
+
+
+def m_policy(out):
+    return json.load(open(out / "run.json"))["policy"]
+
+
+def _records(out):
+    recs = {}
+    for f in sorted(os.listdir(out / "results")):
+        for line in open(out / "results" / f):
+            r = json.loads(line)
+            recs[r["idx"]] = r
+    return recs
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for i in a:
+        assert (a[i]["pred"], a[i]["nfe"], a[i]["label"]) == (b[i]["pred"], b[i]["nfe"], b[i]["label"])
+        assert a[i]["err"] == pytest.approx(b[i]["err"], rel=1e-5, abs=1e-7)
+
+
+def test_resume_and_shards_give_the_results_of_one_run(trained, tmp_path, monkeypatch):
+    stages = ["--n-samples", "2", "8", "--to-keep", "3", "1", "--seq-alpha", "0.2"]
+    one = run(classify_args(trained, tmp_path / "one", *stages))
+    # two shards run separately; the first to finish only reports progress, the second merges
+    assert run(classify_args(trained, tmp_path / "shards", *stages, "--shard", "1/2")) is None
+    two = run(classify_args(trained, tmp_path / "shards", *stages, "--shard", "0/2"))
+    # a crash in the third batch, a torn line from a crash mid-write, then a resumed run
+    calls, orig = [0], dc.run_policy
+
+    def crash(*a, **k):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("killed")
+        return orig(*a, **k)
+    monkeypatch.setattr(dc, "run_policy", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(classify_args(trained, tmp_path / "resumed", *stages))
+    monkeypatch.setattr(dc, "run_policy", orig)
+    shard = tmp_path / "resumed" / "results" / "shard-0000-of-0001.jsonl"
+    assert len(open(shard).readlines()) == 16
+    with open(shard, "a") as f:
+        f.write('{"idx": 123, "label": 3, "pr')
+    resumed = run(classify_args(trained, tmp_path / "resumed", *stages))
+    for m in (two, resumed):
+        assert {k: m[k] for k in ("accuracy", "macro_f1", "nfe_per_image", "n_images")} == \
+               {k: one[k] for k in ("accuracy", "macro_f1", "nfe_per_image", "n_images")}
+    _same(_records(tmp_path / "one"), _records(tmp_path / "shards"))
+    _same(_records(tmp_path / "one"), _records(tmp_path / "resumed"))
+    assert one["nfe_per_image"] < 80  # the stages and the sequential test pruned
+    # another schedule in the same folder is refused rather than mixed in
+    with pytest.raises(UserError, match="another run"):
+        run(classify_args(trained, tmp_path / "one", "--schedule", "full"))
+
+
+def test_dc0_single_timestep_x0_error(trained, tmp_path):
+    args = classify_args(trained, tmp_path / "dc0")
+    i = args.index("--n-samples")
+    m = run(args[:i] + args[i + 2:] + ["--t", "300", "--target", "x0", "--n-trials", "2"])
+    assert m["nfe_per_image"] == 20 and m["t_grid"] == [300, 300] and m["target"] == "x0"
+    with pytest.raises(UserError, match="--n-trials needs an explicit --t"):
+        run(classify_args(trained, tmp_path / "bad", "--n-trials", "2"))
+    with pytest.raises(UserError, match="--shard"):
+        run(classify_args(trained, tmp_path / "bad2", "--shard", "2/2"))
