@@ -498,15 +498,6 @@ def all_reduce_mean(x, dist):
     return x
 
 
-def all_gather_cat(x, dist):
-    """Concatenate equal-length per-rank tensors along dim 0 (rank order)."""
-    if dist.world_size == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.world_size)]
-    torch_dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
 def resolve_amp(amp, device):
     """--amp auto means bf16 on CUDA and fp32 on the CPU (CPU autocast is slower than fp32 there)."""
     if amp == "auto":
@@ -951,7 +942,7 @@ def pretrain(args):
     def loss_fn(net, x, y, step):
         return diffusion_loss(net, diffusion, space.encode(x), step, args.seed, dist)
     model, ema = fit(model, loss_fn, loader, args, dist, args.out_dir, cfg, flops_per_image=flops)
-    test = data.load(args.data, "test", args.image_size) if args.data != "shapes" or True else ds
+    test = data.load(args.data, "test", args.image_size)
     loss = eval_denoise_loss(ema, space, test, diffusion, dist.device, seed=args.seed)
     metrics = {"eval_loss": loss, "cond": args.cond, "inject": args.inject if args.cond == "rep" else None, "steps": args.steps}
     RunLog(args.out_dir, dist).metrics(metrics)
@@ -1045,15 +1036,13 @@ def dc0_sweep(model, space, ds, diffusion, ts, n_noise, seed, dist, batch_size, 
     K, N = model.denoiser.num_classes, len(ds)
     out = torch.zeros(len(ts), N, K, device=dist.device)
     for i, t in enumerate(ts):
-        rows, idxs = [], []
-        for b, (x, _, idx) in enumerate(data.iterate(ds, batch_size, dist.device, rank=dist.rank, world_size=dist.world_size)):
+        rows = [torch.zeros(0, K, device=dist.device)]  # a rank may get no images
+        idxs = [torch.zeros(0, dtype=torch.long, device=dist.device)]
+        for x, _, idx in data.iterate(ds, batch_size, dist.device, rank=dist.rank, world_size=dist.world_size):
             g = step_generator(seed + 7919 * t, int(idx[0]), dist.device)  # noise depends on (seed, t, first index)
             rows.append(dc0_errors(model, diffusion, space.encode(x, generator=False), t, K, n_noise, g, max_batch))
             idxs.append(idx.to(dist.device))
-        if rows:
-            out[i] = gather_by_index(torch.cat(rows), torch.cat(idxs), N, dist)
-        else:
-            out[i] = gather_by_index(torch.zeros(0, K, device=dist.device), torch.zeros(0, dtype=torch.long, device=dist.device), N, dist)
+        out[i] = gather_by_index(torch.cat(rows), torch.cat(idxs), N, dist)
     return out
 
 

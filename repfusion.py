@@ -30,7 +30,6 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 import data
 from data import UserError
@@ -409,7 +408,7 @@ def load_teacher(path, layer=None, input_mode="noised", device="cpu", vae_path=N
 
 
 # ----------------------------------------------------------------------------------------------
-# Helpers: label budgets, distributed sums, evaluation, EMA buffers
+# Helpers: label budgets, distributed sums, evaluation
 
 
 def _compile_default(args, dist):
@@ -448,19 +447,6 @@ def labeled_indices(ds, labels_per_class, fraction, seed):
     """The indices of data.labeled_subset's choice: the same call on a stand-in whose "images" are the indices."""
     stand_in = data.Dataset(torch.arange(len(ds)), ds.labels, ds.classes)
     return data.labeled_subset(stand_in, labels_per_class=labels_per_class, fraction=fraction, seed=seed).images
-
-
-def sync_ema_buffers(model, ema, out_dir, dist):
-    """fit's EMA averages parameters only: give the EMA the model's buffers (BatchNorm statistics, the policy's
-    baseline and t histogram) and rewrite ckpt/ema.safetensors, so an EMA student evaluates correctly."""
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
-    if dist.is_main:
-        f = os.path.join(out_dir, "ckpt", "ema.safetensors")
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, f + ".tmp")
-        os.replace(f + ".tmp", f)
-    if dist.world_size > 1:
-        torch_dist.barrier()
 
 
 @torch.no_grad()
@@ -593,7 +579,6 @@ def distill(args, teacher=None):
 
     t0 = time.time()
     model, ema = fit(model, loss_fn, loader, args, dist, args.out_dir, cfg)
-    sync_ema_buffers(model, ema, args.out_dir, dist)
     seconds = time.time() - t0
     w = all_sum(window, dist)
     w[0] /= dist.world_size * ((args.steps - 1) % args.log_every + 1)
@@ -675,7 +660,6 @@ def train_classifier(args, init=None):
         return F.cross_entropy(net(x).float(), y)
     t0 = time.time()
     model, ema = fit(model, loss_fn, loader, args, dist, args.out_dir, cfg)
-    sync_ema_buffers(model, ema, args.out_dir, dist)
     acc = evaluate(ema, test, dist, amp)
     metrics = {"accuracy": acc, "chance": 1.0 / K, "n_labeled": len(sub), "n_test": len(test), "init": init,
                "steps": args.steps, "seconds": time.time() - t0}
