@@ -532,7 +532,8 @@ def load(spec, split="train", image_size=None):
 def labeled_subset(ds, labels_per_class=None, fraction=None, seed=0):
     """A class-balanced subset: labels_per_class images of each class, or that fraction of each class."""
     if (labels_per_class is None) == (fraction is None):
-        raise UserError("give exactly one of --labels-per-class and a labeled fraction")
+        got = "neither" if labels_per_class is None else f"both: {labels_per_class} and {fraction}"
+        raise UserError(f"give exactly one of --labels-per-class and --labeled-fraction (got {got})")
     if ds.labels is None:
         raise UserError("a labeled subset needs a labeled data set (this one has no labels)")
     if fraction is not None and not 0 < fraction <= 1:

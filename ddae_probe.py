@@ -44,7 +44,7 @@ import data
 from data import UserError
 from repcond_dit import (DiT_models, Diffusion, FinalLayer, RunLog, Space, add_common_args, add_train_args, autocast,
                          cleanup_distributed, compute_fid, draw_global, find_checkpoint, fit, gather_by_index,
-                         load_dit, load_json, load_weights, resolve_amp, sample_loop, save_curve,
+                         load_dit, load_json, load_torch, load_weights, resolve_amp, sample_loop, save_curve,
                          save_heatmap, save_image_grid, save_json, setup_distributed, step_generator,
                          timestep_embedding, unpatchify)
 
@@ -72,6 +72,22 @@ class AttnBlock(nn.Module):
         return (x + self.proj_out(h.transpose(-1, -2).reshape(N, C, H, W))) * self.skip_scale
 
 
+class GlobalDropout(nn.Dropout):
+    """nn.Dropout whose training mask is drawn for the GLOBAL batch from a generator seeded alike on every rank at
+    each step (_seed_step), of which this rank keeps its rows: under DDP, N processes drop exactly the units one
+    process with the same global batch would (per-rank masks would not), and a resumed run draws the same masks."""
+    rng = None  # (generator, dist) of the current training step; None: plain dropout from the global RNG
+
+    def forward(self, x):
+        if not self.training or self.p == 0 or GlobalDropout.rng is None:
+            return super().forward(x)
+        return x * self._keep(x) / (1 - self.p)
+
+    @torch.compiler.disable  # a new generator every step: drawn eagerly, not traced (and re-traced) by torch.compile
+    def _keep(self, x):
+        return (draw_global(GlobalDropout.rng[0], "rand", x.shape[0], GlobalDropout.rng[1], *x.shape[1:]) >= self.p).to(x.device)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice with the (time [+ label]) embedding added in between, 1x1 skip when the shape
     changes, optional attention after it. resample="down"/"up" makes it the DDPM++ (BigGAN-style) resampling
@@ -82,7 +98,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, out_ch)
         self.norm2 = Normalize(out_ch)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = GlobalDropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch or resample else nn.Identity()
         self.attn = AttnBlock(out_ch, skip_scale) if attn else None
@@ -681,9 +697,11 @@ def _defaults(args, dist):
 
 
 def _seed_step(seed, step, dist):
-    """Seed the global RNG per step (dropout masks, VAE posterior samples): a pure function of (seed, step,
-    rank), so a resumed run draws the same masks as an uninterrupted one."""
+    """Seed the RNGs of a step (dropout masks, VAE posterior samples): a pure function of (seed, step, rank),
+    so a resumed run draws the same masks as an uninterrupted one."""
     torch.manual_seed(((seed * 1_000_003 + step) * max(1, dist.world_size) + dist.rank) % (2 ** 62))
+    # dropout: one stream for the global batch, the same on every rank (the objective's t/eps use step_generator(seed, .))
+    GlobalDropout.rng = (step_generator(seed + 10 ** 6, step, dist.device), dist)
 
 
 def pretrain(args):
@@ -756,6 +774,8 @@ def load_backbone(args, dist):
     """--ckpt (a ddae_probe pretrain folder or a repcond_dit DiT folder) or --dit-path (official DiT .pt)
     -> (frozen net in eval mode, objective, Space, train set, test set, config)."""
     device = dist.device
+    if getattr(args, "dit_path", None) and getattr(args, "ckpt", None):
+        raise UserError(f"--ckpt {args.ckpt} and --dit-path {args.dit_path}: give one network, not both")
     if getattr(args, "dit_path", None):
         net = DiTBackbone(load_dit(args.dit_path, device))
         cfg = dict(arch="dit", objective="ddpm", T=1000, beta_range=[1e-4, 0.02], data=None, image_size=None, vae_path=None)
@@ -1095,7 +1115,9 @@ def noisy(args):
     with torch.no_grad():
         for level in levels:
             correct, n = 0, 0
-            for z0, g, idx in _views(space, test, args.seed + TEST_SEED, level, 0, dist, args.eval_batch_size):
+            # every rank scores the whole test set: a rank's shard alone would give rank 0's accuracy, and _views
+            # keys the noise by a batch's first index, which sharding changes (N ranks must equal one process)
+            for z0, g, idx in _views(space, test, args.seed + TEST_SEED, level, 0, _OneProcess(dist.device), args.eval_batch_size):
                 lv = torch.full((len(z0),), float(level), device=z0.device)
                 x_in, cond = obj.net_input(z0, lv, torch.randn(z0.shape, generator=g, device=g.device).to(z0.device))
                 with autocast(amp, dist.device):
@@ -1117,9 +1139,13 @@ def noisy(args):
 
 def _ckpt_step(ckpt):
     try:
-        return int(torch.load(os.path.join(find_checkpoint(ckpt), "state.pt"), map_location="cpu", weights_only=True)["step"])
-    except (FileNotFoundError, KeyError, UserError):
+        d = find_checkpoint(ckpt)
+    except UserError:
         return None
+    if not os.path.isfile(os.path.join(d, "state.pt")):
+        return None
+    state = load_torch(os.path.join(d, "state.pt"), "training state (optimizer, step, RNG)")  # refuses code, in one line
+    return int(state["step"]) if isinstance(state, dict) and "step" in state else None
 
 
 def sample_one(ckpt, out_dir, args, dist, feature_extractor=None):

@@ -857,9 +857,6 @@ def classify(args):
         alive0[torch.tensor(args.classes)] = True
     n_cand = len(args.classes) if args.classes else K
     policy = build_policy(args, M, n_cand)
-    err_fn = ErrorFn(den, diffusion, grid, args.loss, args.target, args.weighting, args.max_batch,
-                     resolve_amp(args.amp, dist.device), args.compile)
-    policy, cal = calibrate(args, err_fn, space, val, grid, K, alive0, policy, dist, log)
     g = torch.Generator().manual_seed(args.seed)
     indices = avail[torch.randperm(len(avail), generator=g)[:args.n_test]].sort().values if 0 < args.n_test < len(avail) else avail
     indices = indices.tolist()
@@ -867,14 +864,23 @@ def classify(args):
            "indices": indices, "num_classes": K, "classes": args.classes, "class_names": den.classes,
            "t_grid": grid, "n_slots": M, "loss": args.loss, "target": args.target, "weighting": args.weighting,
            "schedule": args.schedule, "policy": policy.to_json(), "policy_text": policy.describe(grid),
-           "tau": cal["tau"], "calibrated": cal["calibrated"], "val_note": val_note}
-    os.makedirs(os.path.join(args.out_dir, "results"), exist_ok=True)
+           "tau": None, "calibrated": None, "val_note": val_note}
     run_path = os.path.join(args.out_dir, "run.json")
-    if os.path.exists(run_path):
-        old = load_json(run_path)
-        diff = [k for k in run if k not in ("val_note", "tau", "calibrated") and old.get(k) != run[k]]
+    old = load_json(run_path) if os.path.exists(run_path) else None
+
+    def refuse_another_run(skip):
+        diff = [k for k in run if k not in skip and old.get(k) != run[k]]
         if diff:
             raise UserError(f"--out-dir {args.out_dir}: holds results of another run (differs in {', '.join(diff)}); use a new --out-dir")
+    if old is not None:  # before calibrate writes there: another run's calibration.json stays as it is
+        refuse_another_run(("val_note", "tau", "calibrated") + (("policy", "policy_text") if args.schedule == "auto" else ()))
+    err_fn = ErrorFn(den, diffusion, grid, args.loss, args.target, args.weighting, args.max_batch,
+                     resolve_amp(args.amp, dist.device), args.compile)
+    policy, cal = calibrate(args, err_fn, space, val, grid, K, alive0, policy, dist, log)
+    run.update(policy=policy.to_json(), policy_text=policy.describe(grid), tau=cal["tau"], calibrated=cal["calibrated"])
+    os.makedirs(os.path.join(args.out_dir, "results"), exist_ok=True)
+    if old is not None:
+        refuse_another_run(("val_note", "tau", "calibrated"))
         run = old  # a shard started on another machine keeps the first one's tau (merge reads it from run.json)
     elif dist.is_main:
         save_json(run_path, run)

@@ -342,12 +342,7 @@ def load_dit(path, device="cpu"):
     The architecture is read off the tensor shapes: hidden size and token count from pos_embed, patch and
     channels from x_embedder, depth from the blocks, classes from the label table (minus the null row).
     """
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such checkpoint")
-    except Exception as e:
-        raise UserError(f"{path}: not a loadable weights-only checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    sd = load_torch(path, "DiT checkpoint")
     if isinstance(sd, dict) and ("ema" in sd or "model" in sd):
         sd = sd.get("ema", sd.get("model"))
     if not isinstance(sd, dict) or "pos_embed" not in sd or "x_embedder.proj.weight" not in sd:
@@ -528,6 +523,23 @@ def load_json(path):
         raise UserError(f"{path}: not valid JSON ({e})")
 
 
+def load_torch(path, what="checkpoint"):
+    """torch.load(weights_only=True) with one clear line instead of a traceback: a pickle that would call
+    anything else (os.system through __reduce__, ...) is refused, never run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file (expected a {what})") from None
+    except Exception as e:
+        text = str(e)
+        if "GLOBAL " in text:  # torch names the callable it refused: "unsupported GLOBAL posix.system ..."
+            raise UserError(f"{path}: refusing to unpickle {text.split('GLOBAL ', 1)[1].split()[0]} (a {what} holds only "
+                            f"tensors and plain containers; loading this file would run code)") from None
+        skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        reason = next((s.strip() for s in text.splitlines() if s.strip() and not s.startswith(skip)), text.split("\n")[0])
+        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {reason[:200]})") from None
+
+
 def save_checkpoint(ckpt_dir, model, ema=None, optimizer=None, step=0, config=None, extra=None):
     """Write model/EMA weights (safetensors), optimizer + step + RNG (torch.save of tensors and plain
     containers) and config.json into ckpt_dir atomically: a sibling .tmp folder is filled, then swapped in,
@@ -555,6 +567,8 @@ def find_checkpoint(ckpt_dir):
     for d in (ckpt_dir, ckpt_dir + ".old"):
         if os.path.isfile(os.path.join(d, "model.safetensors")) and os.path.isfile(os.path.join(d, "config.json")):
             return d
+    if os.path.isfile(ckpt_dir):
+        raise UserError(f"{ckpt_dir}: expected a checkpoint folder (model.safetensors and config.json), got a file")
     raise UserError(f"{ckpt_dir}: no checkpoint here (expected model.safetensors and config.json)")
 
 
@@ -607,6 +621,9 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
     """
     device = dist.device
     model.to(device).train()
+    if dist.world_size > 1:  # ranks seed their inits apart; DDP would sync the model only, after the EMA copy below,
+        for t in model.state_dict().values():  # leaving other ranks' EMAs (which evaluate their shards) off rank 0's
+            torch_dist.broadcast(t, 0)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     fused = device.type == "cuda"
@@ -617,7 +634,7 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
         d = find_checkpoint(ckpt_dir)
         load_weights(d, model, prefer_ema=False)
         load_weights(d, ema, prefer_ema=True)
-        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        state = load_torch(os.path.join(d, "state.pt"), "training state (optimizer, step, RNG)")
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
@@ -661,7 +678,13 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
         if (step + 1) % args.log_every == 0 or last:
             mean_loss = all_reduce_mean(loss_sum / n_sum, dist).item()  # the only host sync, on log steps
             if not math.isfinite(mean_loss):
-                raise UserError(f"loss is {mean_loss} at step {step + 1}; stopped, last good checkpoint kept in {ckpt_dir}")
+                where = f"step {step + 1}" if n_sum == 1 else f"steps {step + 2 - n_sum}-{step + 1} (the log window's mean)"
+                raise UserError(f"loss is {mean_loss} at {where}; stopped, last good checkpoint kept in {ckpt_dir}")
+            # a finite loss can still have a NaN/inf gradient (e.g. through torch.where's unselected branch), which
+            # the update spreads to the weights: check them before they are checkpointed (identical on every rank)
+            if not torch.stack([p.isfinite().all() for p in model_params]).all():
+                raise UserError(f"weights are not finite after step {step + 1} (the loss was finite: a NaN/inf gradient); "
+                                f"stopped, last good checkpoint kept in {ckpt_dir}")
             dt = time.time() - t0
             img_s = n_sum * args.batch_size / dt
             rec = {"step": step + 1, "loss": mean_loss, "lr": lr, "img_s": img_s}
@@ -921,6 +944,8 @@ def pretrain(args):
     if space.sample_shape[1] % DiT_models[args.model]["patch_size"]:
         raise UserError(f"--model {args.model}: patch size does not divide the input size {space.sample_shape[1]}")
     model = build_model(cfg)
+    if args.encoder_ckpt and not args.freeze_encoder:  # it would be ignored: say so rather than train from scratch
+        raise UserError(f"--encoder-ckpt {args.encoder_ckpt}: only read with --freeze-encoder (add it, or drop --encoder-ckpt)")
     if args.freeze_encoder:
         if args.cond != "rep":
             raise UserError("--freeze-encoder needs --cond rep")

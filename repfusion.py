@@ -416,12 +416,36 @@ def _compile_default(args, dist):
         args.compile = dist.device.type == "cuda"
 
 
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d with the GLOBAL batch's statistics under DDP on the CPU, where nn.SyncBatchNorm refuses to run:
+    per-channel sums are all-reduced over the ranks (differentiably, so the backward pass is the global batch's
+    too). N gloo ranks then normalise, train and update running statistics exactly as one process would."""
+    def forward(self, x):
+        if not (self.training and torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        s = all_reduce(torch.cat([x.sum((0, 2, 3)), x.new_full((1,), x.numel() / x.shape[1])]))
+        n = s[-1].detach()
+        mean = s[:-1] / n
+        var = all_reduce((x - mean[:, None, None]).pow(2).sum((0, 2, 3))) / n
+        with torch.no_grad():  # as nn.BatchNorm2d: momentum update, unbiased variance
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        return (x - mean[:, None, None]) * (torch.rsqrt(var + self.eps) * self.weight)[:, None, None] + self.bias[:, None, None]
+
+
 def for_device(model, dist):
-    """CUDA: channels_last (conv nets), and SyncBatchNorm under DDP (same parameter names; gloo has no SyncBN)."""
+    """CUDA: channels_last (conv nets), and SyncBatchNorm under DDP (same parameter names). CPU under DDP (gloo):
+    GlobalBatchNorm2d, the same statistics by hand; without either, each rank normalises by its own shard."""
     if dist.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         if dist.world_size > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif dist.world_size > 1:
+        for m in model.modules():
+            if type(m) is nn.BatchNorm2d:
+                m.__class__ = GlobalBatchNorm2d  # same parameters and buffers, so checkpoints are unchanged
     return model
 
 

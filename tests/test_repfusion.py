@@ -223,23 +223,13 @@ PIPE = ["--steps", "4", "--finetune-steps", "2", "--batch-size", "16", "--width"
         "--t-policy", "rl", "--device", "cpu"]
 
 
-def test_pipeline_and_torchrun_two_processes(tmp_path, teachers):
+def test_pipeline_runs_every_stage(tmp_path, teachers):
+    # torchrun == one process, stage by stage, is tests/test_distributed.py's
     one = run(["--out-dir", str(tmp_path / "one"), "--teacher", teachers["ddae"], *PIPE])
     for k in ("student_acc", "scratch_acc", "chance", "t_policy", "t_hist", "student_probe_acc", "t_mean", "seconds"):
         assert k in one, k
     assert json.load(open(tmp_path / "one" / "metrics.json"))["student_acc"] == one["student_acc"]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-                          os.path.join(ROOT, "repfusion.py"), "--out-dir", str(tmp_path / "two"), "--teacher", teachers["ddae"], *PIPE],
-                         capture_output=True, text=True, cwd=ROOT, env=ENV)
-    assert two.returncode == 0, two.stderr[-3000:]
-    m2 = json.load(open(tmp_path / "two" / "metrics.json"))
-    assert m2["t_hist"]["n"] == one["t_hist"]["n"] == 4 * 16  # every rank's picks counted once
-    for stage in ("distill", "finetune", "scratch"):
-        l1 = [json.loads(x)["loss"] for x in open(tmp_path / "one" / stage / "log.jsonl")]
-        l2 = [json.loads(x)["loss"] for x in open(tmp_path / "two" / stage / "log.jsonl")]
-        assert len(l1) == len(l2) == 1  # rank 1 wrote nothing
-        # same samples, noise and t draws; only BatchNorm's batch statistics are per rank (no SyncBN on the CPU)
-        assert l2[0] == pytest.approx(l1[0], rel=0.1), stage
+    assert one["t_hist"]["n"] == 4 * 16  # every distillation pick counted once
 
 
 # ---------------------------------------------------------------------------------------------- bad input
