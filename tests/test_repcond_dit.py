@@ -18,7 +18,7 @@ REF = os.path.join(ROOT, "..", "shared", "reference", "dit_official_keys.json")
 if not os.path.exists(REF):  # CI clones the repo with shared/ beside it
     REF = os.path.join(os.path.dirname(ROOT), "shared", "reference", "dit_official_keys.json")
 TINY = ["--model", "DiT-XS/8", "--encoder", "ViT-XS/8", "--rep-dim", "32", "--device", "cpu"]  # plumbing tests
-SMALL = ["--model", "DiT-XS/4", "--encoder", "ViT-XS/4", "--rep-dim", "32", "--device", "cpu"]  # tests that learn
+SMALL = ["--model", "DiT-XS/4", "--encoder", "ViT-XS/4", "--rep-dim", "32", "--device", "cpu", "--image-size", "16"]  # tests that learn
 
 
 def run(argv):
@@ -171,13 +171,14 @@ def test_checkpoint_swap_leaves_a_readable_checkpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
-    """Pre-train with and without representation conditioning at the same budget, then tune the first."""
+    """Pre-train with and without representation conditioning at the same budget, then tune the first
+    (shapes at 16x16, as the bare run: a step costs a third of one at 32x32, so the tune can be longer)."""
     out = types.SimpleNamespace(dir=tmp_path_factory.mktemp("pipe"))
     budget = ["--steps", "200", "--batch-size", "32", "--lr", "1e-3", "--log-every", "50", *SMALL]
     out.rep = run(["pretrain", "--out-dir", str(out.dir / "pre"), *budget])
     out.none = run(["pretrain", "--out-dir", str(out.dir / "none"), "--cond", "none", *budget])
     run(["tune", "--ckpt", str(out.dir / "pre" / "ckpt"), "--out-dir", str(out.dir / "tune"), "--labels-per-class", "50",
-         "--steps", "150", "--batch-size", "32", "--lr", "1e-3", "--log-every", "50", "--device", "cpu"])
+         "--steps", "600", "--batch-size", "32", "--lr", "1e-3", "--log-every", "100", "--device", "cpu"])
     return out
 
 
@@ -187,7 +188,7 @@ def test_representation_conditioning_lowers_the_loss_at_equal_budget(tuned):
     log = [json.loads(line) for line in open(tuned.dir / "pre" / "log.jsonl")]
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]  # the loss falls
     cfg = json.load(open(tuned.dir / "pre" / "ckpt" / "config.json"))
-    assert cfg["cond"] == "rep" and cfg["sample_shape"] == [3, 32, 32]
+    assert cfg["cond"] == "rep" and cfg["sample_shape"] == [3, 16, 16]
     keys = load_file(tuned.dir / "pre" / "ckpt" / "model.safetensors").keys()
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
 
@@ -201,8 +202,8 @@ def test_tuned_model_is_an_official_format_class_conditional_dit(tuned):
 def test_classify_beats_chance_and_writes_its_outputs(tuned):
     m = run(["classify", "--ckpt", str(tuned.dir / "tune" / "ckpt"), "--out-dir", str(tuned.dir / "cls"), "--t", "50", "100",
              "--n-test", "300", "--n-val", "100", "--device", "cpu"])
-    # a 200 + 150 step CPU model is weak; 0.15 on 300 images is 2.9 binomial standard deviations above chance
-    assert m["accuracy"] > 1.5 * m["chance"]
+    # a 200 + 600 step CPU model (0.26 measured); 0.18 on 300 images is 4.6 binomial standard deviations above chance
+    assert m["accuracy"] > 1.8 * m["chance"]
     assert set(m["accuracy_per_t"]) == {"50", "100"} and m["best_t"] in (50, 100)
     assert m["nfe_per_image"] == 10 * 2 and m["best_t_chosen_on"] == "val"
     for f in ("metrics.json", "confusion.png", "sweep.png"):
