@@ -711,7 +711,7 @@ def pretrain(args):
     _defaults(args, dist)
     if args.ema_decay is None:
         args.ema_decay = 0.9993 if args.objective == "edm" else 0.9999
-    torch.manual_seed(args.seed * dist.world_size + dist.rank)
+    torch.manual_seed(args.seed)  # initial weights: the same for any number of ranks (N ranks == one process)
     ds = data.load(args.data, "train", args.image_size)
     space = Space(ds, args.vae_path, dist.device, resolve_amp(args.amp, dist.device))
     C, H, W = space.sample_shape
@@ -734,6 +734,8 @@ def pretrain(args):
                image_size=args.image_size, vae_path=args.vae_path, scaling_factor=space.scaling_factor, classes=ds.classes,
                amp=args.amp, args=vars(args))
     model = UNet(**unet)
+    if dist.world_size > 1:  # then a stream per rank (one process keeps its stream: its results stay as they were)
+        torch.manual_seed(args.seed * dist.world_size + dist.rank)
     if dist.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     obj = make_objective(cfg, dist.device)

@@ -605,6 +605,18 @@ class RunLog:
         if self.dist.is_main:
             save_json(os.path.join(self.out_dir, "metrics.json"), m)
 
+    def keep_until(self, step):
+        """Drop log records after `step` (all of them for a fresh run, step 0): a run resumed from its last
+        checkpoint re-logs the steps a crash cut short, and a new run in an old folder starts a new log."""
+        path = os.path.join(self.out_dir, "log.jsonl")
+        if not self.dist.is_main or not os.path.exists(path):
+            return
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
 
 def transformer_flops_per_image(model, tokens):
     """Training FLOPs per image of a transformer (nanoGPT's estimate): 6 * params * tokens for the
@@ -648,6 +660,7 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
     amp = resolve_amp(args.amp, device)
     scaler = torch.amp.GradScaler(enabled=amp == "fp16")
     log = RunLog(out_dir, dist, config)
+    log.keep_until(start)
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
     ema_buffers, model_buffers = list(ema.buffers()), list(model.buffers())  # e.g. BatchNorm statistics
     loss_sum, n_sum, t0 = torch.zeros((), device=device), 0, time.time()
@@ -932,7 +945,7 @@ def pretrain(args):
     """Joint training of f_phi and g_theta on unlabeled data (labels, if any, are never read)."""
     dist = setup_distributed(args.device)
     _compile_default(args, dist)
-    torch.manual_seed(args.seed * dist.world_size + dist.rank)
+    torch.manual_seed(args.seed)  # initial weights: the same for any number of ranks (N ranks == one process)
     ds = data.load(args.data, "train", args.image_size)
     space = Space(ds, args.vae_path, dist.device, resolve_amp(args.amp, dist.device))
     cfg = dict(stage="pretrain", model=args.model, encoder=args.encoder, rep_dim=args.rep_dim, inject=args.inject, cond=args.cond,
@@ -944,6 +957,8 @@ def pretrain(args):
     if space.sample_shape[1] % DiT_models[args.model]["patch_size"]:
         raise UserError(f"--model {args.model}: patch size does not divide the input size {space.sample_shape[1]}")
     model = build_model(cfg)
+    if dist.world_size > 1:  # then a stream per rank (one process keeps its stream: its results stay as they were)
+        torch.manual_seed(args.seed * dist.world_size + dist.rank)
     if args.encoder_ckpt and not args.freeze_encoder:  # it would be ignored: say so rather than train from scratch
         raise UserError(f"--encoder-ckpt {args.encoder_ckpt}: only read with --freeze-encoder (add it, or drop --encoder-ckpt)")
     if args.freeze_encoder:
@@ -994,7 +1009,7 @@ def tune(args):
     """Swap representation conditioning for labels (encoder dropped, label embedder added) and fine-tune."""
     dist = setup_distributed(args.device)
     _compile_default(args, dist)
-    torch.manual_seed(args.seed * dist.world_size + dist.rank)
+    torch.manual_seed(args.seed)  # initial weights: the same for any number of ranks (N ranks == one process)
     pre, pcfg, ds, space = load_run(args.ckpt, dist.device, args.vae_path, args.data_override)
     if not ds.classes or ds.labels is None:
         raise UserError(f"--data {pcfg['data']}: tune needs a labeled data set")
@@ -1003,6 +1018,8 @@ def tune(args):
                class_dropout=args.class_dropout, init_from=args.ckpt, n_labeled=len(labeled), args=vars(args))
     cfg["data"] = args.data_override or pcfg["data"]
     model = build_model(cfg)
+    if dist.world_size > 1:  # then a stream per rank (one process keeps its stream: its results stay as they were)
+        torch.manual_seed(args.seed * dist.world_size + dist.rank)
     own = model.denoiser.state_dict()
     carried = {k: v for k, v in pre.denoiser.state_dict().items() if k in own}  # all but rep_embedder.*, map_embedder.*
     missing = [k for k in own if k not in carried]
