@@ -744,7 +744,8 @@ def pretrain(args):
 
     def loss_fn(net, x, y, step):
         _seed_step(args.seed, step, dist)
-        return obj.loss(net, space.encode(x), step, args.seed, dist, y=y if K else None, class_dropout=cfg["class_dropout"], null_label=K)
+        return obj.loss(net, space.sample_z0(x, args.seed, step, dist), step, args.seed, dist, y=y if K else None,
+                        class_dropout=cfg["class_dropout"], null_label=K)
 
     t0 = time.time()
     done = (_ckpt_step(os.path.join(args.out_dir, "ckpt")) or 0) if args.resume else 0
@@ -1029,7 +1030,7 @@ def finetune(args):
 
         def loss_fn(m, x, y, step):
             _seed_step(args.seed, step, dist)
-            return F.cross_entropy(m(space.encode(x)).float(), y)
+            return F.cross_entropy(m(space.sample_z0(x, args.seed, step, dist)).float(), y)
         config = dict(stage=name, layer=layer, t=level, backbone=cfg, num_classes=K, args=vars(args))
         model, _ = fit(model, loss_fn, loader, args, dist, os.path.join(args.out_dir, name), config)
         metrics[f"{name}_acc"] = classify_accuracy(model, space, test, dist, args.eval_batch_size, amp)
@@ -1103,7 +1104,7 @@ def noisy(args):
                          rank=dist.rank, world_size=dist.world_size)
 
     def loss_fn(m, x, y, step):
-        z0 = space.encode(x)
+        z0 = space.sample_z0(x, args.seed, step, dist)
         g = step_generator(args.seed, step, z0.device)
         level = obj.random_levels(g, len(z0), dist)
         eps = draw_global(g, "randn", len(z0), dist, *z0.shape[1:])

@@ -941,7 +941,8 @@ def train(args):
     flops = transformer_flops_per_image(model.denoiser, (space.sample_shape[1] // model.denoiser.patch_size) ** 2)
 
     def loss_fn(net, x, y, step):
-        return diffusion_loss(net, diffusion, space.encode(x), step, args.seed, dist, y=y, class_dropout=args.class_dropout)
+        return diffusion_loss(net, diffusion, space.sample_z0(x, args.seed, step, dist), step, args.seed, dist, y=y,
+                              class_dropout=args.class_dropout)
     model, ema = fit(model, loss_fn, loader, args, dist, args.out_dir, cfg, flops_per_image=flops)
     test = data.load(args.data, "test", args.image_size)
     loss = eval_loss(ema, space, test, diffusion, dist.device, seed=args.seed)

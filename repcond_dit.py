@@ -858,6 +858,9 @@ def compute_fid(real, fake, work_dir, device, feature_extractor=None):
 # Where the diffusion runs: pixels, cached VAE latents, or latents encoded on the fly
 
 
+POSTERIOR_STREAM = 2 * 10 ** 6  # seed offset of the VAE posterior noise (t and eps use the seed itself)
+
+
 class Space:
     """Maps loader batches to the diffusion's z0 and back to images.
 
@@ -882,13 +885,28 @@ class Space:
         self.sample_shape = (C, H, W)
 
     @torch.no_grad()
-    def encode(self, x, generator=None):
+    def encode(self, x, generator=None, dist=None):
+        """Images -> z0 (the identity unless --vae-path). generator=False: the posterior mean; with dist, the
+        posterior noise is drawn for the global batch and this rank keeps its rows (N ranks == one process)."""
         if self.kind != "vae":
             return x
         with autocast(self.amp, self.device):
             post = self.vae.encode(x)
-        z = post.mean.float() if generator is False else post.sample(generator).float()
+        if generator is False:
+            z = post.mean.float()
+        elif dist is not None:
+            eps = draw_global(generator, "randn", x.shape[0], dist, *post.mean.shape[1:]).to(post.mean.dtype)
+            z = (post.mean + post.std * eps).float()
+        else:
+            z = post.sample(generator).float()
         return z * self.scaling_factor
+
+    def sample_z0(self, x, seed, step, dist):
+        """z0 of a training batch: with --vae-path a posterior sample that is a pure function of (seed, step)
+        and the global batch, so resume is exact and torchrun equals one process; else the batch itself."""
+        if self.kind != "vae":
+            return x
+        return self.encode(x, step_generator(seed + POSTERIOR_STREAM, step, self.device), dist)
 
     @torch.no_grad()
     def decode(self, z):
@@ -980,7 +998,7 @@ def pretrain(args):
         flops += transformer_flops_per_image(model.encoder, (space.sample_shape[1] // model.encoder.patch_size) ** 2)
 
     def loss_fn(net, x, y, step):
-        return diffusion_loss(net, diffusion, space.encode(x), step, args.seed, dist)
+        return diffusion_loss(net, diffusion, space.sample_z0(x, args.seed, step, dist), step, args.seed, dist)
     model, ema = fit(model, loss_fn, loader, args, dist, args.out_dir, cfg, flops_per_image=flops)
     test = data.load(args.data, "test", args.image_size)
     loss = eval_denoise_loss(ema, space, test, diffusion, dist.device, seed=args.seed)
@@ -1034,7 +1052,8 @@ def tune(args):
     flops = transformer_flops_per_image(model.denoiser, (space.sample_shape[1] // model.denoiser.patch_size) ** 2)
 
     def loss_fn(net, x, y, step):
-        return diffusion_loss(net, diffusion, space.encode(x), step, args.seed, dist, y=y, class_dropout=args.class_dropout)
+        return diffusion_loss(net, diffusion, space.sample_z0(x, args.seed, step, dist), step, args.seed, dist, y=y,
+                              class_dropout=args.class_dropout)
     fit(model, loss_fn, loader, args, dist, args.out_dir, cfg, flops_per_image=flops)
     RunLog(args.out_dir, dist).metrics({"n_labeled": len(labeled), "steps": args.steps})
     return cfg

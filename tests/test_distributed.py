@@ -49,6 +49,9 @@ def stages(root):
     return [
         ("repcond_dit", "pretrain", ["pretrain", "--out-dir", d("rd_pretrain"), "--model", "DiT-XS/8", "--encoder", "ViT-XS/8",
                                      "--rep-dim", "32", *train]),
+        # latent diffusion with the VAE applied on the fly: the posterior sample must be the global batch's too
+        ("repcond_dit", "pretrain", ["pretrain", "--out-dir", d("rd_pretrain_vae"), "--model", "DiT-XS/8", "--encoder", "ViT-XS/8",
+                                     "--rep-dim", "32", "--vae-path", vae_file(root), *train]),
         ("repcond_dit", "tune", ["tune", "--ckpt", d("rd_pretrain", "ckpt"), "--out-dir", d("rd_tune"), "--labels-per-class", "4",
                                  *train]),
         ("ddae_probe", "pretrain", [*ddae_pre, "--objective", "ddpm", "--out-dir", d("dp_ddpm")]),
@@ -66,6 +69,18 @@ def stages(root):
         ("repfusion", "scratch", ["scratch", "--out-dir", d("rf_scratch"), "--student", "resnet18", "--width", "4",
                                   "--labels-per-class", "4", *train]),
     ]
+
+
+def vae_file(root):
+    """A tiny random-weight VAE in the real layout (factor 2: 32x32 shapes -> 4x16x16 latents), beside the output folders."""
+    return os.path.join(os.path.dirname(os.path.abspath(root)), "vae.safetensors")
+
+
+def write_vae_file(root):
+    from safetensors.torch import save_file
+    import vae
+    torch.manual_seed(0)
+    save_file(vae.AutoencoderKL(ch=32, ch_mult=(1, 1), num_res_blocks=1).state_dict(), vae_file(root))
 
 
 def run_stages(root):
@@ -110,6 +125,7 @@ def _close(a, b, path=""):
 def test_every_training_stage_under_torchrun_equals_one_process(tmp_path):
     from safetensors.torch import load_file
     one, two = tmp_path / "one", tmp_path / "two"
+    write_vae_file(one)  # read by both runs
     # one launch runs every stage (this file is the driver); --standalone picks a free port
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              os.path.abspath(__file__), str(two)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -125,7 +141,7 @@ def test_every_training_stage_under_torchrun_equals_one_process(tmp_path):
     # only rank 0 writes: the same files, no rank-suffixed or duplicated ones
     assert _files(one) == _files(two)
     logs = [f for f in _files(one) if f.endswith("log.jsonl")]
-    assert len(logs) == 11  # 9 fits + finetune's scratch baseline + ddae's second objective
+    assert len(logs) == 12  # 10 fits + finetune's scratch baseline + ddae's second objective
     for f in logs:
         a = [json.loads(x) for x in open(one / f)]
         b = [json.loads(x) for x in open(two / f)]
