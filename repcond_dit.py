@@ -1281,7 +1281,7 @@ def build_parser():
     p.add_argument("--labels-per-class", type=int, default=100)
     p.add_argument("--n-test", type=int, default=500)
     p.add_argument("--t", type=int, nargs="+", default=[25, 50, 100, 200])
-    p.add_argument("--n-noise", type=int, default=1, help="pipeline: noise draws averaged per (image, t) in classify")
+    p.add_argument("--n-noise", type=int, default=2, help="pipeline: noise draws averaged per (image, t) in classify")
     sub = p.add_subparsers(dest="cmd")
 
     q = sub.add_parser("pretrain", help="joint encoder + denoiser training on unlabeled data", allow_abbrev=False)
