@@ -99,7 +99,9 @@ def train_rows(args, device, section, config, B, build, loss_fn, flops=None, con
     rows = []
     for mode, amp, compile_ in modes(device):
         if prepare is not None:
-            prepare(compile_)
+            prepare(compile_)  # (may run a script's set-up, which turns TF32 on)
+        if device.type == "cuda":  # "eager fp32" means fp32, not TF32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         torch.manual_seed(0)
         model = build().to(device).train()
         if conv and device.type == "cuda":

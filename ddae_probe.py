@@ -697,8 +697,8 @@ def _defaults(args, dist):
 
 
 def _seed_step(seed, step, dist):
-    """Seed the RNGs of a step (dropout masks, VAE posterior samples): a pure function of (seed, step, rank),
-    so a resumed run draws the same masks as an uninterrupted one."""
+    """Seed the RNGs of a training step, a pure function of (seed, step, rank), so a resumed run draws what an
+    uninterrupted one does; dropout masks come from a generator of (seed, step), alike on every rank (GlobalDropout)."""
     torch.manual_seed(((seed * 1_000_003 + step) * max(1, dist.world_size) + dist.rank) % (2 ** 62))
     # dropout: one stream for the global batch, the same on every rank (the objective's t/eps use step_generator(seed, .))
     GlobalDropout.rng = (step_generator(seed + 10 ** 6, step, dist.device), dist)
@@ -711,7 +711,7 @@ def pretrain(args):
     _defaults(args, dist)
     if args.ema_decay is None:
         args.ema_decay = 0.9993 if args.objective == "edm" else 0.9999
-    torch.manual_seed(args.seed)  # initial weights: the same for any number of ranks (N ranks == one process)
+    torch.manual_seed(args.seed)  # initial weights: the same on every rank (fit starts the per-rank streams)
     ds = data.load(args.data, "train", args.image_size)
     space = Space(ds, args.vae_path, dist.device, resolve_amp(args.amp, dist.device))
     C, H, W = space.sample_shape
@@ -734,8 +734,6 @@ def pretrain(args):
                image_size=args.image_size, vae_path=args.vae_path, scaling_factor=space.scaling_factor, classes=ds.classes,
                amp=args.amp, args=vars(args))
     model = UNet(**unet)
-    if dist.world_size > 1:  # then a stream per rank (one process keeps its stream: its results stay as they were)
-        torch.manual_seed(args.seed * dist.world_size + dist.rank)
     if dist.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     obj = make_objective(cfg, dist.device)

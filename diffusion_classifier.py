@@ -916,7 +916,7 @@ def train(args):
     dist = setup_distributed(args.device)
     if args.compile is None:
         args.compile = dist.device.type == "cuda"
-    torch.manual_seed(args.seed)  # initial weights: the same for any number of ranks (N ranks == one process)
+    torch.manual_seed(args.seed)  # initial weights: the same on every rank (fit starts the per-rank streams)
     ds = data.load(args.data, "train", args.image_size)
     if ds.labels is None or not ds.classes:
         raise UserError(f"--data {args.data}: training a class-conditional model needs labels")
@@ -933,8 +933,6 @@ def train(args):
                T=args.T, data=args.data, image_size=args.image_size, vae_path=args.vae_path, scaling_factor=space.scaling_factor,
                classes=ds.classes, amp=args.amp, val_indices=val_idx.tolist(), args=vars(args))
     model = build_model(cfg)
-    if dist.world_size > 1:  # then a stream per rank (one process keeps its stream: its results stay as they were)
-        torch.manual_seed(args.seed * dist.world_size + dist.rank)
     loader = data.Loader(ds.subset(train_idx), args.batch_size, dist.device, seed=args.seed, augment=not args.no_augment,
                          rank=dist.rank, world_size=dist.world_size)
     diffusion = Diffusion(args.T, device=dist.device)

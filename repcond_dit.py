@@ -611,8 +611,13 @@ class RunLog:
         path = os.path.join(self.out_dir, "log.jsonl")
         if not self.dist.is_main or not os.path.exists(path):
             return
+        def before(line):  # a line a crash cut short (no newline, not JSON) is dropped too
+            try:
+                return line.endswith("\n") and json.loads(line).get("step", 0) <= step
+            except ValueError:
+                return False
         with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            kept = [line for line in f if before(line)]
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(path + ".tmp", path)
@@ -633,9 +638,13 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
     """
     device = dist.device
     model.to(device).train()
-    if dist.world_size > 1:  # ranks seed their inits apart; DDP would sync the model only, after the EMA copy below,
-        for t in model.state_dict().values():  # leaving other ranks' EMAs (which evaluate their shards) off rank 0's
+    if dist.world_size > 1:
+        # the scripts build their models from --seed alone, so every rank starts alike; the broadcast makes sure (DDP
+        # would sync the model only, after the EMA copy below). Then each rank gets its own stream (seed x world +
+        # rank); all of a step's randomness is drawn for the global batch from (seed, step), so N ranks == one process.
+        for t in model.state_dict().values():
             torch_dist.broadcast(t, 0)
+        torch.manual_seed(args.seed * dist.world_size + dist.rank)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     fused = device.type == "cuda"
@@ -689,13 +698,14 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
         n_sum += 1
         last = step + 1 == args.steps
         if (step + 1) % args.log_every == 0 or last:
-            mean_loss = all_reduce_mean(loss_sum / n_sum, dist).item()  # the only host sync, on log steps
+            # a finite loss can still have a NaN/inf gradient (e.g. through torch.where's unselected branch), which
+            # the update spreads to the weights: check them too before they are checkpointed (identical on every rank)
+            finite = torch.stack([p.isfinite().all() for p in model_params]).all().float()
+            mean_loss, weights_ok = torch.stack([all_reduce_mean(loss_sum / n_sum, dist), finite]).tolist()  # the only host sync, on log steps
             if not math.isfinite(mean_loss):
                 where = f"step {step + 1}" if n_sum == 1 else f"steps {step + 2 - n_sum}-{step + 1} (the log window's mean)"
                 raise UserError(f"loss is {mean_loss} at {where}; stopped, last good checkpoint kept in {ckpt_dir}")
-            # a finite loss can still have a NaN/inf gradient (e.g. through torch.where's unselected branch), which
-            # the update spreads to the weights: check them before they are checkpointed (identical on every rank)
-            if not torch.stack([p.isfinite().all() for p in model_params]).all():
+            if not weights_ok:
                 raise UserError(f"weights are not finite after step {step + 1} (the loss was finite: a NaN/inf gradient); "
                                 f"stopped, last good checkpoint kept in {ckpt_dir}")
             dt = time.time() - t0
@@ -963,7 +973,7 @@ def pretrain(args):
     """Joint training of f_phi and g_theta on unlabeled data (labels, if any, are never read)."""
     dist = setup_distributed(args.device)
     _compile_default(args, dist)
-    torch.manual_seed(args.seed)  # initial weights: the same for any number of ranks (N ranks == one process)
+    torch.manual_seed(args.seed)  # initial weights: the same on every rank (fit starts the per-rank streams)
     ds = data.load(args.data, "train", args.image_size)
     space = Space(ds, args.vae_path, dist.device, resolve_amp(args.amp, dist.device))
     cfg = dict(stage="pretrain", model=args.model, encoder=args.encoder, rep_dim=args.rep_dim, inject=args.inject, cond=args.cond,
@@ -975,8 +985,6 @@ def pretrain(args):
     if space.sample_shape[1] % DiT_models[args.model]["patch_size"]:
         raise UserError(f"--model {args.model}: patch size does not divide the input size {space.sample_shape[1]}")
     model = build_model(cfg)
-    if dist.world_size > 1:  # then a stream per rank (one process keeps its stream: its results stay as they were)
-        torch.manual_seed(args.seed * dist.world_size + dist.rank)
     if args.encoder_ckpt and not args.freeze_encoder:  # it would be ignored: say so rather than train from scratch
         raise UserError(f"--encoder-ckpt {args.encoder_ckpt}: only read with --freeze-encoder (add it, or drop --encoder-ckpt)")
     if args.freeze_encoder:
@@ -1027,7 +1035,7 @@ def tune(args):
     """Swap representation conditioning for labels (encoder dropped, label embedder added) and fine-tune."""
     dist = setup_distributed(args.device)
     _compile_default(args, dist)
-    torch.manual_seed(args.seed)  # initial weights: the same for any number of ranks (N ranks == one process)
+    torch.manual_seed(args.seed)  # initial weights: the same on every rank (fit starts the per-rank streams)
     pre, pcfg, ds, space = load_run(args.ckpt, dist.device, args.vae_path, args.data_override)
     if not ds.classes or ds.labels is None:
         raise UserError(f"--data {pcfg['data']}: tune needs a labeled data set")
@@ -1036,8 +1044,6 @@ def tune(args):
                class_dropout=args.class_dropout, init_from=args.ckpt, n_labeled=len(labeled), args=vars(args))
     cfg["data"] = args.data_override or pcfg["data"]
     model = build_model(cfg)
-    if dist.world_size > 1:  # then a stream per rank (one process keeps its stream: its results stay as they were)
-        torch.manual_seed(args.seed * dist.world_size + dist.rank)
     own = model.denoiser.state_dict()
     carried = {k: v for k, v in pre.denoiser.state_dict().items() if k in own}  # all but rep_embedder.*, map_embedder.*
     missing = [k for k in own if k not in carried]

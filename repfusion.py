@@ -515,7 +515,7 @@ def distill(args, teacher=None):
     """Train student + projector (+ policy + task head) against the frozen teacher's features at policy-chosen t."""
     dist = setup_distributed(args.device)
     _compile_default(args, dist)
-    torch.manual_seed(args.seed)  # initial weights: the same for any number of ranks (N ranks == one process)
+    torch.manual_seed(args.seed)  # initial weights: the same on every rank (fit starts the per-rank streams)
     amp = resolve_amp(args.amp, dist.device)
     ds = data.load(args.data, "train", args.image_size)
     if teacher is None:
@@ -547,8 +547,6 @@ def distill(args, teacher=None):
                entropy_decay_steps=decay, hist_every=hist_every, data=args.data, image_size=args.image_size,
                classes=ds.classes, args=vars(args))
     model = for_device(RepFusion(cfg), dist)
-    if dist.world_size > 1:  # then a stream per rank (one process keeps its stream: its results stay as they were)
-        torch.manual_seed(args.seed * dist.world_size + dist.rank)
     if args.compile and hasattr(teacher, "compile"):
         teacher.compile()
     weight = args.feat_weight if args.feat_weight is not None else FEAT_WEIGHT[args.feat_loss]
@@ -645,7 +643,7 @@ def train_classifier(args, init=None):
     subset, then top-1 accuracy on the test split."""
     dist = setup_distributed(args.device)
     _compile_default(args, dist)
-    torch.manual_seed(args.seed)  # initial weights: the same for any number of ranks (N ranks == one process)
+    torch.manual_seed(args.seed)  # initial weights: the same on every rank (fit starts the per-rank streams)
     amp = resolve_amp(args.amp, dist.device)
     dcfg, sd = None, None
     if init is not None:
@@ -676,8 +674,6 @@ def train_classifier(args, init=None):
         probe_acc = linear_probe(student_features(model, sub, dist.device, amp), sub.labels.to(dist.device),
                                  student_features(model, test, dist.device, amp), test.labels.to(dist.device), K)
         model.train()
-    if dist.world_size > 1:  # then a stream per rank after the probe (one process keeps its stream: its results stay as they were)
-        torch.manual_seed(args.seed * dist.world_size + dist.rank)
     stage = "repfusion-finetune" if init else "repfusion-scratch"
     cfg = dict(stage=stage, student=student_name, width=width, sample_shape=list(ds.sample_shape), num_classes=K,
                init_from=init, data=spec, image_size=image_size, classes=ds.classes, n_labeled=len(sub), args=vars(args))
