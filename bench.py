@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 
 import repcond_dit as rd
+import models
+import training
 
 # ----------------------------------------------------------------------------------------------
 # Timing
@@ -111,7 +113,7 @@ def train_rows(args, device, section, config, B, build, loss_fn, flops=None, con
         step = [0]
 
         def train_step():
-            with rd.autocast(amp, device):
+            with training.autocast(amp, device):
                 loss = loss_fn(net, model, step[0])
             loss.backward()
             opt.step()
@@ -141,14 +143,14 @@ def bench_dit_train(args, device):
     cfg = dict(model=size(args, "DiT-XS/4", "DiT-XS/4", "DiT-B/2"), encoder=size(args, "ViT-XS/4", "ViT-XS/4", "ViT-S/2"),
                rep_dim=size(args, 64, 64, 256), inject="both", cond="rep", sample_shape=[C, H, H], num_classes=0, learn_sigma=False)
     B = args.batch_size or size(args, 4, 32, 256)
-    diffusion, dist = rd.Diffusion(device=device), rd.Dist(device=str(device))
+    diffusion, dist = models.Diffusion(device=device), training.Dist(device=str(device))
     z0 = torch.randn(B, C, H, H, device=device)
 
     def flops(model):
-        return rd.transformer_flops_per_image(model.denoiser, (H // model.denoiser.patch_size) ** 2) + \
-            rd.transformer_flops_per_image(model.encoder, (H // model.encoder.patch_size) ** 2)
-    return train_rows(args, device, "dit_train", f"{cfg['model']} + {cfg['encoder']} on {C}x{H}x{H}", B, lambda: rd.build_model(cfg),
-                      lambda net, model, step: rd.diffusion_loss(net, diffusion, z0, step, 0, dist), flops)
+        return training.transformer_flops_per_image(model.denoiser, (H // model.denoiser.patch_size) ** 2) + \
+            training.transformer_flops_per_image(model.encoder, (H // model.encoder.patch_size) ** 2)
+    return train_rows(args, device, "dit_train", f"{cfg['model']} + {cfg['encoder']} on {C}x{H}x{H}", B, lambda: models.build_model(cfg),
+                      lambda net, model, step: models.diffusion_loss(net, diffusion, z0, step, 0, dist), flops)
 
 
 def bench_dc_train(args, device):
@@ -158,12 +160,12 @@ def bench_dc_train(args, device):
     cfg = dict(model=size(args, "DiT-XS/4", "DiT-XS/4", "DiT-B/2"), cond="label", inject=None, rep_dim=0, sample_shape=[C, H, H],
                num_classes=K, learn_sigma=False, class_dropout=0.1)
     B = args.batch_size or size(args, 4, 32, 256)
-    diffusion, dist = rd.Diffusion(device=device), rd.Dist(device=str(device))
+    diffusion, dist = models.Diffusion(device=device), training.Dist(device=str(device))
     z0 = torch.randn(B, C, H, H, device=device)
     y = torch.randint(0, K, (B,), device=device)
-    return train_rows(args, device, "dc_train", f"{cfg['model']} on {C}x{H}x{H}, {K} classes", B, lambda: rd.build_model(cfg),
-                      lambda net, model, step: rd.diffusion_loss(net, diffusion, z0, step, 0, dist, y=y, class_dropout=0.1),
-                      lambda model: rd.transformer_flops_per_image(model.denoiser, (H // model.denoiser.patch_size) ** 2))
+    return train_rows(args, device, "dc_train", f"{cfg['model']} on {C}x{H}x{H}, {K} classes", B, lambda: models.build_model(cfg),
+                      lambda net, model, step: models.diffusion_loss(net, diffusion, z0, step, 0, dist, y=y, class_dropout=0.1),
+                      lambda model: training.transformer_flops_per_image(model.denoiser, (H // model.denoiser.patch_size) ** 2))
 
 
 def bench_ddae_train(args, device):
@@ -172,14 +174,14 @@ def bench_ddae_train(args, device):
     import ddae_probe as dp
     H = size(args, 16, 32, 32)
     presets = size(args, [("tiny", "ddpm", 4)], [("tiny", "ddpm", 32)], [("ddpm", "ddpm", 128), ("ddpmpp", "edm", 128)])
-    dist = dp._OneProcess(device)
+    dist = training.Dist(device=str(device))
     rows = []
     for preset, objective, B in presets:
         B = args.batch_size or B
-        obj = dp.make_objective({"objective": objective}, device)
+        obj = models.make_objective({"objective": objective}, device)
         x0 = torch.rand(B, 3, H, H, device=device) * 2 - 1
-        x0 = x0.to(memory_format=dp._mem_format(x0))  # channels_last on CUDA, as pretrain
-        build = lambda preset=preset: dp.UNet(**dict(dp.UNet_models[preset], in_channels=3, image_size=H))  # noqa: E731
+        x0 = x0.to(memory_format=models.mem_format(x0))  # channels_last on CUDA, as pretrain
+        build = lambda preset=preset: models.UNet(**dict(models.UNet_models[preset], in_channels=3, image_size=H))  # noqa: E731
         rows += train_rows(args, device, "ddae_train", f"UNet {preset} ({objective}) on 3x{H}x{H}", B, build,
                            lambda net, model, step, obj=obj, x0=x0: obj.loss(net, x0, step, 0, dist), conv=True)
     return rows
@@ -230,7 +232,7 @@ def bench_repfusion_train(args, device):
             teacher.compile()  # as distill does on CUDA
 
     def loss_fn(net, model, step):
-        g = rd.step_generator(0, step, device)
+        g = training.step_generator(0, step, device)
         u_pick, u_bin = torch.rand(B, generator=g, device=device), torch.rand(B, generator=g, device=device)
         eps = torch.randn(B, *teacher.noise_shape(x), generator=g, device=device)
         with torch.no_grad():
@@ -242,7 +244,7 @@ def bench_repfusion_train(args, device):
         pg, _ = rf.reinforce_loss(out["logits"], t_bin, reward - reward.mean(), 0.1)
         return out["feat"] + out["head_ce"].mean() + pg
     rows = train_rows(args, device, "repfusion_train", f"{student} (width {width}) <- UNet {preset} mid, 3x{H}x{H}, {n_bins} t bins", B,
-                      lambda: rf.for_device(rf.RepFusion(cfg), rd.Dist(device=str(device))), loss_fn, conv=True, prepare=prepare)
+                      lambda: rf.for_device(rf.RepFusion(cfg), training.Dist(device=str(device))), loss_fn, conv=True, prepare=prepare)
     teacher.net = raw_teacher
     return rows
 
@@ -272,7 +274,7 @@ def bench_vae_encode(args, device):
     rows = []
     for name, fn in (("diffusers AutoencoderKL", lambda: ref.encode(x).latent_dist.mean), ("vae.py", lambda: ours.encode(x).mean)):
         def run():
-            with torch.no_grad(), rd.autocast(amp, device):
+            with torch.no_grad(), training.autocast(amp, device):
                 fn()
         rows.append({"section": "vae_encode", "config": f"{'SD kl-f8' if args.full else 'small'} at {res}x{res}, batch {B}, {amp}",
                      "mode": name, "img_s": B / timeit(run, device, args.warmup, args.iters)})
@@ -287,10 +289,10 @@ def bench_dc_classify(args, device):
     K, B = size(args, (10, 4), (10, 16), (10, 64))
     cfg = dict(model=size(args, "DiT-XS/4", "DiT-XS/4", "DiT-B/2"), sample_shape=[C, H, H], num_classes=K, learn_sigma=False, cond="label")
     torch.manual_seed(0)
-    model = random_weights(rd.build_model(cfg)).to(device).eval()
+    model = random_weights(models.build_model(cfg)).to(device).eval()
     raw = model.denoiser
     amp = "bf16" if device.type == "cuda" else "none"
-    diffusion = rd.Diffusion(device=device)
+    diffusion = models.Diffusion(device=device)
     z0 = torch.randn(B, C, H, H, device=device)
     if device.type == "cuda":
         model.denoiser = torch.compile(raw)
@@ -298,7 +300,7 @@ def bench_dc_classify(args, device):
 
     @torch.no_grad()
     def batched():
-        with rd.autocast(amp, device):
+        with training.autocast(amp, device):
             out["batched"] = rd.dc0_errors(model, diffusion, z0, 500, K, 1, torch.Generator(device=device).manual_seed(0), max_batch=B * K)
 
     @torch.no_grad()
@@ -308,7 +310,7 @@ def bench_dc_classify(args, device):
         t = torch.full((B,), 500, device=device, dtype=torch.long)
         z_t = diffusion.q_sample(z0, t, eps)
         err = torch.zeros(B, K, device=device)
-        with rd.autocast(amp, device):
+        with training.autocast(amp, device):
             for c in range(K):
                 for i in range(B):
                     eps_hat = raw(z_t[i:i + 1], t[i:i + 1], y=torch.full((1,), c, device=device))
@@ -337,8 +339,8 @@ def bench_elbo_classify(args, device):
     model_name = size(args, "DiT-XS/4", "DiT-XS/4", "DiT-B/2")
     cfg = dict(model=model_name, sample_shape=[C, H, H], num_classes=K, learn_sigma=False, cond="label")
     torch.manual_seed(0)
-    den = dc.Denoiser(random_weights(rd.build_model(cfg)).denoiser, K, (C, H, H)).to(device).eval()
-    diffusion = rd.Diffusion(1000, device=device)
+    den = dc.Denoiser(random_weights(models.build_model(cfg)).denoiser, K, (C, H, H)).to(device).eval()
+    diffusion = models.Diffusion(1000, device=device)
     grid = dc.timestep_grid(1000, M)
     cuda = device.type == "cuda"
     err_fn = dc.ErrorFn(den, diffusion, grid, max_batch=max_batch, amp="bf16" if cuda else "none", compile=cuda)
@@ -368,7 +370,7 @@ def bench_probe_grid(args, device):
     ckpt, preset, _ = ddae_checkpoint(args, device)
     layers = None  # --full: every layer
     if not args.full:
-        names = dp.UNet(**dp.UNet_models[preset]).layer_names()
+        names = models.UNet(**models.UNet_models[preset]).layer_names()
         layers = names[::6] if args.smoke else names[1::3]
     t = size(args, [0, 100], [0, 25, 100], None)
     lpc, n_test, epochs = size(args, (3, 20, 2), (10, 100, 5), (20, 200, 15))

@@ -3,7 +3,7 @@ Denoising diffusion autoencoders (DDAE): diffusion pre-training, then layer x ti
 alignment/uniformity, fine-tuning and noise-conditional classifiers on the frozen denoiser's features.
 
 Paper: "Denoising Diffusion Autoencoders are Unified Self-supervised Learners" (Xiang et al., ICCV 2023,
-shared/papers/003_*). An unconditional diffusion UNet (DDPM eps-prediction, or EDM preconditioning) is
+arXiv 2303.09769). An unconditional diffusion UNet (DDPM eps-prediction, or EDM preconditioning) is
 trained on unlabeled images; its intermediate activations, fed an image noised to level t and globally
 average-pooled, are linearly separable. The best (layer, t) is found by a grid search of linear probes.
 
@@ -42,253 +42,20 @@ from safetensors.torch import save_file
 
 import data
 from data import UserError
-from repcond_dit import (DiT_models, Diffusion, FinalLayer, RunLog, Space, add_common_args, add_train_args, autocast,
-                         cleanup_distributed, compute_fid, draw_global, find_checkpoint, fit, gather_by_index,
-                         load_dit, load_json, load_torch, load_weights, resolve_amp, sample_loop, save_curve,
-                         save_heatmap, save_image_grid, save_json, setup_distributed, step_generator,
-                         timestep_embedding, unpatchify)
+from training import (add_common_args, add_train_args, autocast, cleanup_distributed, compile_default, compute_fid, Dist,
+                      draw_global, find_checkpoint, fit, gather_by_index, load_json, load_torch, load_weights, resolve_amp,
+                      RunLog, save_curve, save_heatmap, save_image_grid, save_json, setup_distributed, step_generator)
+from models import (build_model, DiT_models, FinalLayer, GlobalDropout, load_dit, make_objective, mem_format, timestep_embedding,
+                    UNet, UNet_models, unpatchify)
+from vae import Space
 
 # ----------------------------------------------------------------------------------------------
-# Model: the DDPM / DDPM++ UNet, every block addressable by name
+# A DiT seen as a DDAE (the UNet itself is in models.py)
 
-
-def Normalize(channels):
-    return nn.GroupNorm(min(32, channels // 4) if channels % 32 else 32, channels, eps=1e-6)
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions (DDPM), residual, output projection starts at zero."""
-    def __init__(self, channels, skip_scale=1.0):
-        super().__init__()
-        self.norm = Normalize(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-        self.skip_scale = skip_scale
-
-    def forward(self, x):
-        N, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(N, 3, 1, C, H * W).transpose(-1, -2).unbind(1)  # 3 x (N, 1, HW, C)
-        h = F.scaled_dot_product_attention(q, k, v)  # (N, 1, HW, C)
-        return (x + self.proj_out(h.transpose(-1, -2).reshape(N, C, H, W))) * self.skip_scale
-
-
-class GlobalDropout(nn.Dropout):
-    """nn.Dropout whose training mask is drawn for the GLOBAL batch from a generator seeded alike on every rank at
-    each step (_seed_step), of which this rank keeps its rows: under DDP, N processes drop exactly the units one
-    process with the same global batch would (per-rank masks would not), and a resumed run draws the same masks."""
-    rng = None  # (generator, dist) of the current training step; None: plain dropout from the global RNG
-
-    def forward(self, x):
-        if not self.training or self.p == 0 or GlobalDropout.rng is None:
-            return super().forward(x)
-        return x * self._keep(x) / (1 - self.p)
-
-    @torch.compiler.disable  # a new generator every step: drawn eagerly, not traced (and re-traced) by torch.compile
-    def _keep(self, x):
-        return (draw_global(GlobalDropout.rng[0], "rand", x.shape[0], GlobalDropout.rng[1], *x.shape[1:]) >= self.p).to(x.device)
-
-
-class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice with the (time [+ label]) embedding added in between, 1x1 skip when the shape
-    changes, optional attention after it. resample="down"/"up" makes it the DDPM++ (BigGAN-style) resampling
-    block: both paths are average-pooled / nearest-upsampled (EDM's [1, 1] resample filter) inside the block."""
-    def __init__(self, in_ch, out_ch, emb_dim, dropout=0.0, attn=False, resample=None, skip_scale=1.0):
-        super().__init__()
-        self.norm1 = Normalize(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, out_ch)
-        self.norm2 = Normalize(out_ch)
-        self.dropout = GlobalDropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch or resample else nn.Identity()
-        self.attn = AttnBlock(out_ch, skip_scale) if attn else None
-        self.resample, self.skip_scale, self.out_ch = resample, skip_scale, out_ch
-
-    def _resample(self, x):
-        if self.resample == "down":
-            return F.avg_pool2d(x, 2)
-        if self.resample == "up":
-            return F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return x
-
-    def forward(self, x, emb):
-        h = F.silu(self.norm1(x))
-        h, x = self._resample(h), self._resample(x)
-        h = self.conv1(h) + self.emb(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        x = (self.skip(x) + h) * self.skip_scale
-        return self.attn(x) if self.attn is not None else x
-
-
-class Downsample(nn.Module):
-    """DDPM: a stride-2 3x3 conv."""
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-        self.out_ch = channels
-
-    def forward(self, x, emb=None):
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """DDPM: nearest x2, then a 3x3 conv."""
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.out_ch = channels
-
-    def forward(self, x, emb=None):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class MidBlock(nn.Module):
-    def __init__(self, channels, emb_dim, dropout, skip_scale):
-        super().__init__()
-        self.block1 = ResBlock(channels, channels, emb_dim, dropout, attn=True, skip_scale=skip_scale)
-        self.block2 = ResBlock(channels, channels, emb_dim, dropout, skip_scale=skip_scale)
-        self.out_ch = channels
-
-    def forward(self, x, emb):
-        return self.block2(self.block1(x, emb), emb)
-
-
-class UNet(nn.Module):
-    """The DDPM UNet (Ho et al.) and its DDPM++ variant (Song et al., as trained by EDM).
-
-    forward(x, t, y=None) -> eps (ddpm objective) or the raw network output F (edm objective): the
-    objective decides what the output means. t: (N,) timesteps (DDPM) or c_noise (EDM), any float.
-    num_classes > 0 adds a label embedding to the time embedding; index num_classes is the null label
-    (y=None means null), for classifier-free guidance dropout.
-    stop_at=NAME returns the activation of that block instead (truncated network, no output head).
-    self.layers lists (name, channels, resolution) of every block, in forward order.
-    """
-    def __init__(self, in_channels=3, image_size=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,),
-                 dropout=0.1, resblock_updown=False, skip_scale=1.0, up_attn_last_only=False, num_classes=0):
-        super().__init__()
-        self.config = dict(in_channels=in_channels, image_size=image_size, ch=ch, ch_mult=list(ch_mult),
-                           num_res_blocks=num_res_blocks, attn_res=list(attn_res), dropout=dropout,
-                           resblock_updown=resblock_updown, skip_scale=skip_scale, up_attn_last_only=up_attn_last_only,
-                           num_classes=num_classes)
-        emb_dim = 4 * ch
-        self.ch, self.num_classes, self.stop_at = ch, num_classes, None
-        self.temb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
-        self.stem = nn.Conv2d(in_channels, ch, 3, padding=1)
-        block = partial(ResBlock, emb_dim=emb_dim, dropout=dropout, skip_scale=skip_scale)
-        down, skips, cur, res, self.layers = [], [ch], ch, image_size, []
-        for i, mult in enumerate(ch_mult):
-            for _ in range(num_res_blocks):
-                down.append(block(cur, ch * mult, attn=res in attn_res))
-                cur = ch * mult
-                skips.append(cur)
-                self.layers.append((f"down.{len(down) - 1}", cur, res))
-            if i != len(ch_mult) - 1:
-                down.append(block(cur, cur, resample="down") if resblock_updown else Downsample(cur))
-                res //= 2
-                skips.append(cur)
-                self.layers.append((f"down.{len(down) - 1}", cur, res))
-        self.down = nn.ModuleList(down)
-        self.mid = MidBlock(cur, emb_dim, dropout, skip_scale)
-        self.layers.append(("mid", cur, res))
-        up = []
-        for i, mult in reversed(list(enumerate(ch_mult))):
-            for j in range(num_res_blocks + 1):
-                attn = res in attn_res and (j == num_res_blocks or not up_attn_last_only)
-                up.append(block(cur + skips.pop(), ch * mult, attn=attn))
-                up[-1].cat_skip = True
-                cur = ch * mult
-                self.layers.append((f"up.{len(up) - 1}", cur, res))
-            if i != 0:
-                up.append(block(cur, cur, resample="up") if resblock_updown else Upsample(cur))
-                res *= 2
-                self.layers.append((f"up.{len(up) - 1}", cur, res))
-        self.up = nn.ModuleList(up)
-        self.out_norm = Normalize(cur)
-        self.out_conv = nn.Conv2d(cur, in_channels, 3, padding=1)
-        self.initialize_weights()
-
-    def initialize_weights(self):
-        """DDPM's init: xavier-uniform weights, zero biases; the last conv of every res block, the attention
-        output and the output conv start at zero, so each block starts as its skip path."""
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=0.02)
-        for m in self.modules():
-            if isinstance(m, ResBlock):
-                nn.init.zeros_(m.conv2.weight)
-            elif isinstance(m, AttnBlock):
-                nn.init.zeros_(m.proj_out.weight)
-        if getattr(self, "out_conv", None) is not None:
-            nn.init.zeros_(self.out_conv.weight)
-
-    def layer_names(self):
-        return [name for name, _, _ in self.layers]
-
-    def layer(self, name):
-        return self.get_submodule(name)
-
-    def embed(self, t, y=None):
-        emb = self.temb(timestep_embedding(t, self.ch))  # (N, 4ch)
-        if self.label_emb is not None:
-            if y is None:
-                y = torch.full((t.shape[0],), self.num_classes, dtype=torch.long, device=t.device)
-            emb = emb + self.label_emb(y)
-        return emb
-
-    def forward(self, x, t, y=None, stop_at=None):
-        stop_at = stop_at or self.stop_at
-        emb = self.embed(t, y)
-        h = self.stem(x)  # (N, ch, H, W)
-        hs = [h]
-        for i, m in enumerate(self.down):
-            h = m(h, emb)
-            hs.append(h)
-            if stop_at == f"down.{i}":
-                return h
-        h = self.mid(h, emb)  # (N, C_mid, H_min, W_min)
-        if stop_at == "mid":
-            return h
-        for i, m in enumerate(self.up):
-            h = m(torch.cat([h, hs.pop()], dim=1), emb) if getattr(m, "cat_skip", False) else m(h, emb)
-            if stop_at == f"up.{i}":
-                return h
-        return self.out_conv(F.silu(self.out_norm(h)))  # (N, C_in, H, W)
-
-    def truncated(self, name):
-        """A copy that ends at block `name` (its output, unpooled); the blocks after it are removed, so DDP
-        sees no unused parameters and fine-tuning touches only what the features depend on."""
-        if name not in self.layer_names():
-            raise UserError(f"--layer {name}: not a layer of this UNet (one of {', '.join(self.layer_names())})")
-        net = copy.deepcopy(self)
-        kind, _, idx = name.partition(".")
-        if kind == "down":
-            net.down = net.down[:int(idx) + 1]
-            net.mid = None
-        if kind != "up":
-            net.up = nn.ModuleList()
-        else:
-            net.up = net.up[:int(idx) + 1]
-        net.out_norm = net.out_conv = None
-        net.stop_at = name
-        net.layers = [layer for layer in self.layers[:self.layer_names().index(name) + 1]]
-        return net
-
-
-# presets; `tiny` is this project's CPU size (tests, the bare run)
-UNet_models = {
-    "ddpm": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1),  # 35.7M at 32x32
-    "ddpmpp": dict(ch=128, ch_mult=(2, 2, 2), num_res_blocks=4, attn_res=(16,), dropout=0.13,
-                   resblock_updown=True, skip_scale=math.sqrt(0.5), up_attn_last_only=True),  # EDM's CIFAR-10 DDPM++, 55.7M
-    "tiny": dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(8,), dropout=0.0),  # 0.28M at 32x32
-}
 
 
 class DiTBackbone(nn.Module):
-    """A DiT (repcond_dit.DiT, official parameter names) seen as a DDAE: forward(x, t, y=None) with the null
+    """A DiT (models.DiT, official parameter names) seen as a DDAE: forward(x, t, y=None) with the null
     label when the DiT is class-conditional (the paper's unconditional use of DiT-XL/2), layers `blocks.i`
     whose features are the tokens mean-pooled. A representation-conditioned repcond DiT is run without r."""
     def __init__(self, dit):
@@ -334,170 +101,16 @@ class DiTBackbone(nn.Module):
         return net
 
 
-# ----------------------------------------------------------------------------------------------
-# Diffusion: DDPM (VP, eps-prediction) and EDM (VE, preconditioned), losses, samplers, and the map
-# from a noise level to the network's input (what the probes feed the network)
-
-
-class DDPMObjective:
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, linear betas over T steps; the network predicts eps.
-
-    Levels are 0-based integer timesteps: t indexes the schedule, t = 0 is one step of noise (beta_1), so the
-    paper's t (counted from 1 as in DDPM) is ours + 1. The network is conditioned on t itself."""
-    kind = "ddpm"
-
-    def __init__(self, T=1000, beta_range=(1e-4, 0.02), device="cpu"):
-        self.T, self.beta_range = T, tuple(beta_range)
-        self.diffusion = Diffusion(T, beta_range[0], beta_range[1], device=device)
-
-    def loss(self, net, x0, step, seed, dist, y=None, class_dropout=0.0, null_label=0):
-        g, n = step_generator(seed, step, x0.device), x0.shape[0]
-        t = draw_global(g, "randint", n, dist, high=self.T)
-        eps = draw_global(g, "randn", n, dist, *x0.shape[1:])
-        drop = draw_global(g, "rand", n, dist) < class_dropout
-        if y is not None and class_dropout > 0:
-            y = torch.where(drop, torch.full_like(y, null_label), y)
-        out = net(self.diffusion.q_sample(x0, t, eps).to(memory_format=_mem_format(x0)), t.float(), y)
-        return F.mse_loss(out.float(), eps)
-
-    def net_input(self, x0, level, eps=None):
-        """(network input, conditioning) for images x0 noised to `level` (N,); eps=None: no noise (fine-tuning)."""
-        t = level.long()
-        x = self.diffusion.gamma[t].view(-1, 1, 1, 1) * x0
-        if eps is not None:
-            x = x + self.diffusion.delta[t].view(-1, 1, 1, 1) * eps
-        return x, t.float()
-
-    def random_levels(self, g, n, dist):
-        return draw_global(g, "randint", n, dist, high=self.T)
-
-    def tau_input(self, level):
-        """The noise-conditional classifier's timestep coordinate, in [0, 1000) for both objectives."""
-        return level.float() * (1000.0 / self.T)
-
-    def check_levels(self, levels):
-        bad = [t for t in levels if t != int(t) or not 0 <= t < self.T]
-        if bad:
-            raise UserError(f"--t {bad}: ddpm timesteps must be integers in [0, {self.T - 1}]")
-        return [int(t) for t in levels]
-
-    def default_levels(self):
-        """The paper's DDPM optimum t = 11 (of 1000) and a sweep around it, scaled to T."""
-        return sorted({min(self.T - 1, int(round(f * self.T))) for f in (0.0, 0.011, 0.025, 0.05, 0.1, 0.2, 0.4)})
-
-    @torch.no_grad()
-    def sample(self, net, shape, generator, steps=None, y=None, method="ddpm"):
-        eps_fn = lambda x, t: net(x, t.float(), y).float()  # noqa: E731
-        return sample_loop(eps_fn, shape, self.diffusion, steps or self.T, method, generator.device, generator, clip=1.0)
-
-
-class EDMObjective:
-    """EDM (Karras et al. 2022): x = x0 + sigma * eps, D(x; sigma) = c_skip x + c_out F(c_in x, c_noise), trained
-    with log-normal sigma (P_mean, P_std) and the loss weight (sigma^2 + sd^2) / (sigma sd)^2.
-
-    Levels are sigma itself (floats). The network is fed c_in(sigma) * x and conditioned on c_noise = ln(sigma) / 4,
-    so a probe "at t = 0.06" means sigma = 0.06. The VP equivalent of sigma is abar = 1 / (1 + sigma^2)."""
-    kind = "edm"
-
-    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
-        self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
-
-    def precond(self, sigma):
-        sd = self.sigma_data
-        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
-        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
-        return c_skip, c_out, c_in, sigma.log() / 4
-
-    def denoise(self, net, x, sigma, y=None):
-        """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise): the denoised image. sigma: (N,)"""
-        c_skip, c_out, c_in, c_noise = self.precond(sigma.float())
-        c_skip, c_out, c_in = (c.view(-1, 1, 1, 1) for c in (c_skip, c_out, c_in))
-        return c_skip * x + c_out * net(c_in * x, c_noise, y).float()
-
-    def loss(self, net, x0, step, seed, dist, y=None, class_dropout=0.0, null_label=0):
-        g, n = step_generator(seed, step, x0.device), x0.shape[0]
-        sigma = (draw_global(g, "randn", n, dist) * self.P_std + self.P_mean).exp()
-        eps = draw_global(g, "randn", n, dist, *x0.shape[1:])
-        drop = draw_global(g, "rand", n, dist) < class_dropout
-        if y is not None and class_dropout > 0:
-            y = torch.where(drop, torch.full_like(y, null_label), y)
-        weight = ((sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2).view(-1, 1, 1, 1)
-        D = self.denoise(net, (x0 + sigma.view(-1, 1, 1, 1) * eps).to(memory_format=_mem_format(x0)), sigma, y)
-        return (weight * (D - x0) ** 2).mean()
-
-    def net_input(self, x0, level, eps=None):
-        sigma = level.float()
-        _, _, c_in, c_noise = self.precond(sigma)
-        x = x0 if eps is None else x0 + sigma.view(-1, 1, 1, 1) * eps
-        return c_in.view(-1, 1, 1, 1) * x, c_noise
-
-    def random_levels(self, g, n, dist):
-        """Log-uniform over [sigma_min, sigma_max]: every level the sampler visits (noise-conditional classifier)."""
-        u = draw_global(g, "rand", n, dist)
-        return (math.log(self.sigma_min) + u * (math.log(self.sigma_max) - math.log(self.sigma_min))).exp()
-
-    def tau_input(self, level):
-        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
-        return (level.float().log() - lo) / (hi - lo) * 1000.0
-
-    def check_levels(self, levels):
-        bad = [s for s in levels if not s > 0]
-        if bad:
-            raise UserError(f"--t {bad}: edm levels are noise levels sigma > 0")
-        return [float(s) for s in levels]
-
-    def default_levels(self):
-        """Around the paper's EDM optimum sigma ~ 0.06."""
-        return [0.002, 0.01, 0.03, 0.06, 0.1, 0.2, 0.5, 1.0]
-
-    @torch.no_grad()
-    def sample(self, net, shape, generator, steps=None, y=None, method="heun"):
-        """EDM's deterministic Heun sampler (Algorithm 1): `steps` (18) levels, 2 * steps - 1 evaluations."""
-        steps, device = steps or 18, generator.device
-        i = torch.arange(steps, dtype=torch.float64, device=device)
-        lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
-        s = (hi + i / (steps - 1) * (lo - hi)) ** self.rho  # EDM's time steps, sigma_max -> sigma_min
-        s = torch.cat([s, torch.zeros(1, dtype=torch.float64, device=device)])
-        x = torch.randn(shape, generator=generator, device=device, dtype=torch.float64) * s[0]
-        for k in range(steps):
-            s_cur, s_next = s[k], s[k + 1]
-            d = (x - self.denoise(net, x.float(), s_cur.float().expand(shape[0]), y).double()) / s_cur
-            x_next = x + (s_next - s_cur) * d
-            if k < steps - 1:
-                d2 = (x_next - self.denoise(net, x_next.float(), s_next.float().expand(shape[0]), y).double()) / s_next
-                x_next = x + (s_next - s_cur) * (0.5 * d + 0.5 * d2)
-            x = x_next
-        return x.float().clamp(-1, 1)
-
-
-def make_objective(cfg, device="cpu"):
-    if cfg["objective"] == "edm":
-        return EDMObjective(**cfg.get("edm", {}))
-    return DDPMObjective(cfg.get("T", 1000), cfg.get("beta_range", (1e-4, 0.02)), device=device)
-
-
-def _mem_format(x):
-    return torch.channels_last if x.is_cuda and x.dim() == 4 else torch.contiguous_format
-
-
 @torch.no_grad()
 def eval_loss(net, obj, space, ds, device, n=256, batch_size=128, seed=0):
     """Held-out training loss with (t, eps) fixed per batch: comparable across checkpoints of one run."""
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
     total, count = 0.0, 0
-    one = _OneProcess(device)
+    one = Dist(device=device)
     for b, (x, _, _) in enumerate(data.iterate(ds.subset(idx), batch_size, device)):
         total += obj.loss(net, space.encode(x, generator=False), b, seed + 12345, one).item() * len(x)
         count += len(x)
     return total / max(count, 1)
-
-
-class _OneProcess:
-    """The `dist` of a single process (draw_global's view of a local computation)."""
-    def __init__(self, device):
-        self.rank, self.world_size, self.device, self.is_main = 0, 1, torch.device(device), True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -568,7 +181,7 @@ def extract_features(net, obj, space, ds, level, layers, seed, dist, batch_size=
             lv = torch.full((len(z0),), float(level), device=z0.device)
             x_in, cond = obj.net_input(z0, lv, eps)
             with autocast(amp, dist.device):
-                net(x_in.to(memory_format=_mem_format(x_in)), cond, stop_at=stop)
+                net(x_in.to(memory_format=mem_format(x_in)), cond, stop_at=stop)
             for name in layers:
                 rows[name].append(tap.feats[name])
             idxs.append(idx)
@@ -691,11 +304,6 @@ def spearman(a, b):
 # Stages
 
 
-def _defaults(args, dist):
-    if getattr(args, "compile", None) is None:
-        args.compile = dist.device.type == "cuda"
-
-
 def _seed_step(seed, step, dist):
     """Seed the RNGs of a training step, a pure function of (seed, step, rank), so a resumed run draws what an
     uninterrupted one does; dropout masks come from a generator of (seed, step), alike on every rank (GlobalDropout)."""
@@ -708,7 +316,7 @@ def pretrain(args):
     """Unconditional (or --class-cond) diffusion training of a UNet preset with `fit` (EMA, AMP, compile, DDP,
     resume, checkpoints). --snapshot-every K also keeps a copy OUT_DIR/ckpt_STEP every K steps (for --ckpts)."""
     dist = setup_distributed(args.device)
-    _defaults(args, dist)
+    compile_default(args, dist)
     if args.ema_decay is None:
         args.ema_decay = 0.9993 if args.objective == "edm" else 0.9999
     torch.manual_seed(args.seed)  # initial weights: the same on every rank (fit starts the per-rank streams)
@@ -787,7 +395,6 @@ def load_backbone(args, dist):
         if cfg.get("arch") == "unet":
             net = load_weights(d, UNet(**cfg["unet"]))
         elif cfg.get("model") in DiT_models:  # a repcond_dit checkpoint: its denoiser, DDPM with its T
-            from repcond_dit import build_model
             net = DiTBackbone(load_weights(d, build_model(cfg)).denoiser)
             cfg = dict(cfg, arch="dit", objective="ddpm", beta_range=[1e-4, 0.02])
         else:
@@ -990,7 +597,7 @@ class TruncatedClassifier(nn.Module):
 
     def forward(self, x):
         x_in, cond = self.obj.net_input(x, torch.full((x.shape[0],), self.level, device=x.device))
-        return self.head(_pool(self.trunk(x_in.to(memory_format=_mem_format(x_in)), cond)))  # (N, K)
+        return self.head(_pool(self.trunk(x_in.to(memory_format=mem_format(x_in)), cond)))  # (N, K)
 
 
 @torch.no_grad()
@@ -1008,7 +615,7 @@ def finetune(args):
     """Truncate at --layer, fix --t, train end to end on clean labeled images (fit); the same truncated
     network from a fresh init (`scratch`) with the same recipe is the baseline."""
     dist = setup_distributed(args.device)
-    _defaults(args, dist)
+    compile_default(args, dist)
     net, obj, space, train, test, cfg = load_backbone(args, dist)
     layer, level = _cell_from_args(args, net, obj)
     train, test = _labeled_sets(args, train, test)
@@ -1074,7 +681,7 @@ def _set_feature_stats(model, obj, space, ds, seed, batch_size, device, n=2048):
     for b, (x, _, _) in enumerate(data.iterate(ds, batch_size, device)):
         z0 = space.encode(x, generator=False)
         g = step_generator(seed + 1, b, z0.device)
-        level = obj.random_levels(g, len(z0), _OneProcess(z0.device))
+        level = obj.random_levels(g, len(z0), Dist(device=z0.device))
         feats.append(model.features(*obj.net_input(z0, level, torch.randn(z0.shape, generator=g, device=g.device))))
     feats = torch.cat(feats)
     model.mu.copy_(feats.mean(0))
@@ -1084,7 +691,7 @@ def _set_feature_stats(model, obj, space, ds, seed, batch_size, device, n=2048):
 def noisy(args):
     """Noise-conditional classifier on frozen features, trained on random t (fit); accuracy per noise level."""
     dist = setup_distributed(args.device)
-    _defaults(args, dist)
+    compile_default(args, dist)
     net, obj, space, train, test, cfg = load_backbone(args, dist)
     layer, _ = _cell_from_args(args, net, obj, need_t=False)
     train, test = _labeled_sets(args, train, test)
@@ -1118,7 +725,7 @@ def noisy(args):
             correct, n = 0, 0
             # every rank scores the whole test set: a rank's shard alone would give rank 0's accuracy, and _views
             # keys the noise by a batch's first index, which sharding changes (N ranks must equal one process)
-            for z0, g, idx in _views(space, test, args.seed + TEST_SEED, level, 0, _OneProcess(dist.device), args.eval_batch_size):
+            for z0, g, idx in _views(space, test, args.seed + TEST_SEED, level, 0, Dist(device=dist.device), args.eval_batch_size):
                 lv = torch.full((len(z0),), float(level), device=z0.device)
                 x_in, cond = obj.net_input(z0, lv, torch.randn(z0.shape, generator=g, device=g.device).to(z0.device))
                 with autocast(amp, dist.device):

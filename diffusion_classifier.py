@@ -1,8 +1,8 @@
 """
 Diffusion Classifier: ELBO classification with any class-conditional denoiser, made fast and calibrated.
 
-Paper: "Your Diffusion Model is Secretly a Zero-Shot Classifier" (Li et al., ICCV 2023, arXiv 2303.16203,
-shared/papers/001_*). A class-conditional eps-predictor gives, for every class c, a Monte-Carlo estimate
+Paper: "Your Diffusion Model is Secretly a Zero-Shot Classifier" (Li et al., ICCV 2023, arXiv 2303.16203).
+A class-conditional eps-predictor gives, for every class c, a Monte-Carlo estimate
 of the (weighted) ELBO of log p(x | c) up to a constant,
 
     err(x, c) = 1/M sum_j w(t_j) loss(eps_j, eps_theta(x_{t_j}, t_j, c)),   x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps,
@@ -46,10 +46,11 @@ from safetensors.torch import load_file, save_file
 
 import data
 from data import UserError
-from repcond_dit import (DiT, DiT_models, Diffusion, Space, RunLog, accuracy_f1, add_common_args, add_train_args, autocast,
-                         build_model, cleanup_distributed, diffusion_loss, find_checkpoint, fit, load_dit,
-                         load_json, load_weights, resolve_amp, save_curve, save_heatmap, save_json, setup_distributed,
-                         transformer_flops_per_image)
+from training import (accuracy_f1, add_common_args, add_train_args, autocast, cleanup_distributed, compile_default,
+                      find_checkpoint, fit, load_json, load_weights, resolve_amp, RunLog, save_curve, save_heatmap, save_json,
+                      setup_distributed, transformer_flops_per_image)
+from models import build_model, Diffusion, diffusion_loss, DiT, DiT_models, load_dit, UNet
+from vae import Space
 
 # ----------------------------------------------------------------------------------------------
 # Denoisers: one small interface, eps(x_t, t, y) -> eps_hat
@@ -72,10 +73,6 @@ class Denoiser(nn.Module):
 
 def _ddae_unet(d, cfg, device):
     """ddae_probe.py's UNet pretrained with --class-cond (DDPM objective: forward(x, t, y) predicts eps)."""
-    try:
-        from ddae_probe import UNet
-    except ImportError as e:
-        raise UserError(f"{d}: a ddae_probe.py checkpoint, but ddae_probe.py does not import ({e})")
     if cfg.get("objective", "ddpm") != "ddpm":
         raise UserError(f"{d}: only --objective ddpm UNets (eps-prediction) classify here, not {cfg.get('objective')!r}")
     if cfg.get("num_classes", 0) <= 0:
@@ -838,8 +835,7 @@ def _sharded_images(err_fn, space, ds, policy, M, K, args, stream, alive0, dist)
 def classify(args):
     """Classify a data set with a class-conditional denoiser; resumable, shardable; merge -> metrics.json."""
     dist = setup_distributed(args.device)
-    if args.compile is None:
-        args.compile = dist.device.type == "cuda"
+    compile_default(args, dist)
     si, sn = parse_shard(args.shard, dist)
     stage_args(args)  # flag errors before any work
     den, cfg = load_denoiser(args.ckpt, dist.device)
@@ -914,8 +910,7 @@ def train(args):
     --n-val train images for calibration. The checkpoint is repcond_dit.py's format (config.json +
     safetensors), so `repcond_dit.py sample/classify` read it too."""
     dist = setup_distributed(args.device)
-    if args.compile is None:
-        args.compile = dist.device.type == "cuda"
+    compile_default(args, dist)
     torch.manual_seed(args.seed)  # initial weights: the same on every rank (fit starts the per-rank streams)
     ds = data.load(args.data, "train", args.image_size)
     if ds.labels is None or not ds.classes:

@@ -1,7 +1,7 @@
 """
 RepFusion: distil a diffusion model's features into a student network, with a REINFORCE timestep policy.
 
-Paper: "Diffusion Model as Representation Learner" (Yang & Wang, ICCV 2023, shared/papers/002_*). A frozen
+Paper: "Diffusion Model as Representation Learner" (Yang & Wang, ICCV 2023, arXiv 2308.10916). A frozen
 diffusion network (the teacher) is read at a timestep t: its block feature f_T(x, t) (global-average pooled)
 supervises a student (CIFAR ResNet) through a projector, L_feat = || P(f_S(x)) - f_T(x, t) ||^2. Which t is
 chosen per image by a policy network pi(t | x) (a LeNet-like CNN, a categorical over t bins), trained with
@@ -33,10 +33,11 @@ import torch.nn.functional as F
 
 import data
 from data import UserError
-from repcond_dit import (Diffusion, DiT_models, RunLog, add_common_args, add_train_args, autocast,
-                         cleanup_distributed, draw_global, find_checkpoint, fit, linear_probe, load_json, load_run,
-                         load_state_dict_strict, load_weights, resolve_amp, save_heatmap, save_json,
-                         setup_distributed, step_generator)
+from training import (add_common_args, add_train_args, all_sum, autocast, cleanup_distributed, compile_default, draw_global,
+                      find_checkpoint, fit, linear_probe, load_json, load_state_dict_strict, load_weights, resolve_amp, RunLog,
+                      save_heatmap, save_json, setup_distributed, step_generator)
+from models import checkpoint_kind, Diffusion, load_run, make_objective, UNet, UNet_models
+from vae import Space
 
 # ----------------------------------------------------------------------------------------------
 # Models: the student (CIFAR ResNet-18/50), the policy (LeNet-like), the task head
@@ -297,7 +298,7 @@ class DiTTeacher(Teacher):
     kind = "dit"
 
     def __init__(self, ckpt, layer, input_mode, device, vae_path=None, data_spec=None):
-        model, cfg, _, self.space = load_run(ckpt, device, vae_path, data_spec)
+        model, cfg, _, self.space = load_run(ckpt, device, vae_path, data_spec, kinds=("dit",))
         depth = len(model.denoiser.blocks)
         layer = layer or f"blocks.{depth // 2}"
         names = [f"blocks.{i}" for i in range(depth)]
@@ -334,8 +335,8 @@ class UNetTeacher(Teacher):
     kind = "ddae"
 
     def __init__(self, ckpt, layer, input_mode, device, vae_path=None, data_spec=None):
-        import ddae_probe
-        net, obj, cfg, self.space = ddae_probe_teacher(ddae_probe, ckpt, device, vae_path, data_spec)
+        net, cfg, _, self.space = load_run(ckpt, device, vae_path, data_spec, kinds=("unet",))
+        obj = make_objective(cfg, device)
         names = net.layer_names()
         layer = layer or ("mid" if "mid" in names else names[len(names) // 2])
         if layer not in names:
@@ -367,14 +368,6 @@ class UNetTeacher(Teacher):
         return self.space.sample_shape
 
 
-def ddae_probe_teacher(ddae_probe, ckpt, device, vae_path=None, data_spec=None):
-    """A ddae_probe.py pretrain checkpoint -> (UNet, objective, config, Space), through ddae_probe.load_backbone."""
-    a = argparse.Namespace(ckpt=ckpt, dit_path=None, data=data_spec, image_size=None, test_data=None, vae_path=vae_path, amp="auto")
-    one = argparse.Namespace(device=torch.device(device), rank=0, world_size=1, is_main=True)
-    net, obj, space, _, _, cfg = ddae_probe.load_backbone(a, one)
-    return net, obj, cfg, space
-
-
 def ckpt_folder(path, flag):
     """A checkpoint folder given as itself or as the run folder holding it (OUT_DIR/ckpt)."""
     for d in (os.path.join(path, "ckpt"), path):
@@ -393,9 +386,10 @@ def teacher_kind(path):
         raise UserError(f"--teacher {path}: expected a checkpoint folder of ddae_probe.py or repcond_dit.py, got a file")
     d = ckpt_folder(path, "--teacher")
     cfg = load_json(os.path.join(d, "config.json"))
-    if cfg.get("arch") == "unet" and cfg.get("objective") in ("ddpm", "edm"):
+    kind = checkpoint_kind(cfg)
+    if kind == "unet" and cfg.get("objective") in ("ddpm", "edm"):
         return "ddae", d
-    if cfg.get("model") in DiT_models and "sample_shape" in cfg:
+    if kind == "dit":
         return "dit", d
     raise UserError(f"--teacher {path}: not a ddae_probe.py or repcond_dit.py checkpoint "
                     f"(its config.json has stage {cfg.get('stage')!r}, model {cfg.get('model', cfg.get('student'))!r})")
@@ -409,11 +403,6 @@ def load_teacher(path, layer=None, input_mode="noised", device="cpu", vae_path=N
 
 # ----------------------------------------------------------------------------------------------
 # Helpers: label budgets, distributed sums, evaluation
-
-
-def _compile_default(args, dist):
-    if args.compile is None:
-        args.compile = dist.device.type == "cuda"
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -447,13 +436,6 @@ def for_device(model, dist):
             if type(m) is nn.BatchNorm2d:
                 m.__class__ = GlobalBatchNorm2d  # same parameters and buffers, so checkpoints are unchanged
     return model
-
-
-def all_sum(x, dist):
-    if dist.world_size > 1:
-        x = x.clone()
-        torch_dist.all_reduce(x)
-    return x
 
 
 def label_budget(ds, labels_per_class, fraction, seed):
@@ -514,9 +496,8 @@ def t_hist_summary(hist, t_max, rows=None, max_bins=20):
 def distill(args, teacher=None):
     """Train student + projector (+ policy + task head) against the frozen teacher's features at policy-chosen t."""
     dist = setup_distributed(args.device)
-    _compile_default(args, dist)
+    compile_default(args, dist)
     torch.manual_seed(args.seed)  # initial weights: the same on every rank (fit starts the per-rank streams)
-    amp = resolve_amp(args.amp, dist.device)
     ds = data.load(args.data, "train", args.image_size)
     if teacher is None:
         teacher = load_teacher(args.teacher, args.teacher_layer, args.teacher_input, dist.device, args.vae_path, args.data)
@@ -642,7 +623,7 @@ def train_classifier(args, init=None):
     """finetune (init = a distill checkpoint: the student's weights) or scratch (init None): CE on the labeled
     subset, then top-1 accuracy on the test split."""
     dist = setup_distributed(args.device)
-    _compile_default(args, dist)
+    compile_default(args, dist)
     torch.manual_seed(args.seed)  # initial weights: the same on every rank (fit starts the per-rank streams)
     amp = resolve_amp(args.amp, dist.device)
     dcfg, sd = None, None
@@ -709,12 +690,27 @@ def scratch(args):
 
 
 def train_teacher(args, out):
-    """A small teacher for the bare run: ddae_probe.py's tiny DDPM UNet (base width --teacher-ch), pre-trained on the same data."""
-    import ddae_probe
-    ddae_probe.pretrain(ddae_probe.build_parser().parse_args(  # not main(): that would end a torchrun process group
-        ["pretrain", "--out-dir", out, "--data", args.data, "--device", args.device, "--seed", str(args.seed), "--model", "tiny",
-         "--ch", str(args.teacher_ch), "--objective", "ddpm", "--steps", str(args.teacher_steps), "--batch-size", "32",
-         "--lr", "2e-3", "--warmup", "50", "--ema-decay", "0.999", "--log-every", "100", "--ckpt-every", str(args.teacher_steps)]))
+    """A small teacher for the bare run: the tiny DDPM UNet (base width --teacher-ch) trained with the DDPM eps
+    objective on the same data, as `ddae_probe.py pretrain --model tiny` would; its checkpoint is that format."""
+    dist = setup_distributed(args.device)
+    torch.manual_seed(args.seed)  # initial weights: the same on every rank
+    ds = data.load(args.data, "train")
+    space = Space(ds, None, dist.device)
+    C, H, W = space.sample_shape
+    model = UNet(**dict(UNet_models["tiny"], in_channels=C, image_size=H, ch=args.teacher_ch))
+    cfg = dict(stage="pretrain", arch="unet", model="tiny", unet=model.config, objective="ddpm", T=1000, beta_range=[1e-4, 0.02],
+               sample_shape=[C, H, W], num_classes=0, data=args.data, image_size=None, vae_path=None,
+               scaling_factor=space.scaling_factor, classes=ds.classes, amp="auto")
+    if dist.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    obj = make_objective(cfg, dist.device)
+    loader = data.Loader(ds, 32, dist.device, seed=args.seed, augment=True, crop_padding=0, flip=True,  # flip only, as DDPM
+                         rank=dist.rank, world_size=dist.world_size)
+    run = argparse.Namespace(seed=args.seed, steps=args.teacher_steps, batch_size=32, lr=2e-3, weight_decay=0.0, warmup=50, grad_clip=1.0,
+                             ema_decay=0.999, log_every=100, ckpt_every=args.teacher_steps, resume=False, compile=None, amp="auto",
+                             peak_tflops=989.0)
+    compile_default(run, dist)
+    fit(model, lambda net, x, y, step: obj.loss(net, x, step, args.seed, dist), loader, run, dist, out, cfg)
     return out
 
 

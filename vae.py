@@ -1,4 +1,5 @@
-"""The Stable Diffusion VAE (AutoencoderKL, kl-f8), written by hand, and a latents cache for a data set.
+"""The Stable Diffusion VAE (AutoencoderKL, kl-f8), written by hand, a latents cache for a data set, and `Space`:
+where the diffusion of every method file runs (pixels, cached latents, or this VAE on the fly).
 
 The module's attribute paths are exactly the keys of the original LDM checkpoints, so loading the public
 files is a `load_state_dict(strict=True)`. `load` also reads the diffusers layout (renamed on the fly),
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 import data
 from data import UserError
+from training import autocast, draw_global, step_generator
 
 LATENTS_FORMAT = "repcond-latents-v1"
 
@@ -399,6 +401,71 @@ def encode_images(model, images, batch_size=64, amp="bf16", dtype=torch.float16,
         bar.update(b)
     bar.close()
     return out
+
+
+# -----------------------------------------------------------------------------
+# where the diffusion runs: pixels, cached latents, or latents encoded on the fly (every method file uses it)
+
+
+POSTERIOR_STREAM = 2 * 10 ** 6  # seed offset of the VAE posterior noise (t and eps use the seed itself)
+
+
+class Space:
+    """Maps loader batches to the diffusion's z0 and back to images.
+
+    Pixel space: z0 = x in [-1, 1]. A latents file (`vae.py encode`): the loader already returns
+    scaled latents. An image data set with --vae-path: z0 = vae.encode(x).sample() * scaling_factor,
+    computed on the fly under no_grad (bf16 on CUDA); decoding needs the VAE in both latent cases.
+    """
+    def __init__(self, ds, vae_path, device, amp="none"):
+        self.vae, self.kind, self.amp, self.device = None, "pixel", amp, device
+        self.scaling_factor = ds.scaling_factor
+        if ds.latents is not None:
+            self.kind = "latents"
+        if vae_path not in (None, "", "none"):
+            self.vae = load(vae_path, device=device).eval().requires_grad_(False)
+            if ds.latents is None:
+                self.kind, self.scaling_factor = "vae", self.vae.scaling_factor
+        C, H, W = ds.sample_shape
+        if self.kind == "vae":
+            f = self.vae.downsample_factor
+            C, H, W = self.vae.latent_channels, H // f, W // f
+        self.sample_shape = (C, H, W)
+
+    @torch.no_grad()
+    def encode(self, x, generator=None, dist=None):
+        """Images -> z0 (the identity unless --vae-path). generator=False: the posterior mean; with dist, the
+        posterior noise is drawn for the global batch and this rank keeps its rows (N ranks == one process)."""
+        if self.kind != "vae":
+            return x
+        with autocast(self.amp, self.device):
+            post = self.vae.encode(x)
+        if generator is False:
+            z = post.mean.float()
+        elif dist is not None:
+            eps = draw_global(generator, "randn", x.shape[0], dist, *post.mean.shape[1:]).to(post.mean.dtype)
+            z = (post.mean + post.std * eps).float()
+        else:
+            z = post.sample(generator).float()
+        return z * self.scaling_factor
+
+    def sample_z0(self, x, seed, step, dist):
+        """z0 of a training batch: with --vae-path a posterior sample that is a pure function of (seed, step)
+        and the global batch, so resume is exact and torchrun equals one process; else the batch itself."""
+        if self.kind != "vae":
+            return x
+        return self.encode(x, step_generator(seed + POSTERIOR_STREAM, step, self.device), dist)
+
+    @torch.no_grad()
+    def decode(self, z):
+        """z0 -> images in [-1, 1], or None when latents cannot be decoded (no --vae-path)."""
+        if self.kind == "pixel":
+            return z.clamp(-1, 1)
+        if self.vae is None:
+            return None
+        with autocast(self.amp, self.device):
+            return self.vae.decode(z / self.scaling_factor).float().clamp(-1, 1)
+
 
 
 def _device(name):

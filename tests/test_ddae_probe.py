@@ -13,6 +13,8 @@ import data
 import ddae_probe as dp
 import repcond_dit as rd
 from data import UserError
+import models
+import training
 from conftest import TinyFeatures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +44,7 @@ def losses(out):
 
 def test_presets_have_the_papers_sizes_and_hooks_return_the_documented_shapes():
     with torch.device("meta"):  # shapes only: the 35.7M / 55.7M nets cost nothing here
-        ddpm, ddpmpp = dp.UNet(**dp.UNet_models["ddpm"]), dp.UNet(**dp.UNet_models["ddpmpp"])
+        ddpm, ddpmpp = models.UNet(**models.UNet_models["ddpm"]), models.UNet(**models.UNet_models["ddpmpp"])
         for net in (ddpm, ddpmpp):
             raw = {}
             hooks = [net.layer(n).register_forward_hook(lambda m, i, o, n=n: raw.__setitem__(n, tuple(o.shape))) for n in net.layer_names()]
@@ -56,7 +58,7 @@ def test_presets_have_the_papers_sizes_and_hooks_return_the_documented_shapes():
     assert round(sum(p.numel() for p in ddpmpp.parameters()) / 1e6, 1) == 55.7  # EDM's DDPM++, 55.7M
     assert ddpm.layer_names()[:3] == ["down.0", "down.1", "down.2"] and "mid" in ddpm.layer_names() and len(ddpm.layers) == 27
     assert [n for n, _, r in ddpm.layers if r == 8 and n.startswith("up.")][-1] == "up.6"  # the paper's last 8x8 decoder block
-    tiny = dp.UNet(**dp.UNet_models["tiny"])
+    tiny = models.UNet(**models.UNet_models["tiny"])
     assert sum(p.numel() for p in tiny.parameters()) < 2e6
     for p in tiny.parameters():
         torch.nn.init.normal_(p, std=0.1)
@@ -68,7 +70,7 @@ def test_presets_have_the_papers_sizes_and_hooks_return_the_documented_shapes():
 
 
 def test_class_conditional_unet_uses_the_null_label_by_default():
-    net = dp.UNet(**dict(dp.UNet_models["tiny"], ch=16, image_size=16, num_classes=10))
+    net = models.UNet(**dict(models.UNet_models["tiny"], ch=16, image_size=16, num_classes=10))
     for p in net.parameters():  # zero-initialised convs would hide the label
         torch.nn.init.normal_(p, std=0.1)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3.0, 7.0])
@@ -119,7 +121,7 @@ def test_edm_loss_falls_probe_in_sigma_and_heun_samples(tmp_path):
 
 
 def test_edm_preconditioning_and_heun_on_a_perfect_denoiser():
-    obj = dp.EDMObjective()
+    obj = models.EDMObjective()
     sigma = torch.tensor([0.002, 0.5, 80.0])
     c_skip, c_out, c_in, c_noise = obj.precond(sigma)
     assert torch.allclose(c_skip, 0.25 / (sigma ** 2 + 0.25)) and torch.allclose(c_out ** 2, 0.25 * sigma ** 2 / (sigma ** 2 + 0.25))
@@ -141,7 +143,7 @@ def test_ddpm_ablation_flags_reach_the_schedule(tmp_path):
     out = tmp_path / "t64"
     run(["pretrain", "--out-dir", str(out), *TINY, "--T", "64", "--beta-range", "0.01", "0.02", "--steps", "2",
          "--batch-size", "16", "--log-every", "1"])
-    obj = dp.make_objective(json.load(open(out / "ckpt" / "config.json")))
+    obj = models.make_objective(json.load(open(out / "ckpt" / "config.json")))
     assert obj.T == 64 and obj.default_levels()[-1] < 64
     betas = 1 - obj.diffusion.alphas_cumprod[1:] / obj.diffusion.alphas_cumprod[:-1]
     assert betas[0].item() == pytest.approx(0.01 + 0.01 / 63, rel=1e-3) and betas[-1].item() == pytest.approx(0.02, rel=1e-3)
@@ -164,7 +166,7 @@ def test_resume_is_exact_with_dropout(tmp_path):
 def test_probe_writes_the_grid_and_cached_features_equal_recomputed_ones(ddpm_run):
     out, _, p = ddpm_run
     grid = json.load(open(out / "probe" / "grid.json"))
-    names = dp.UNet(**json.load(open(out / "ckpt" / "config.json"))["unet"]).layer_names()
+    names = models.UNet(**json.load(open(out / "ckpt" / "config.json"))["unet"]).layer_names()
     assert grid["layers"] == names == p["layers"] and grid["t"] == [0, 100]
     assert len(grid["accuracy"]) == len(names) and all(len(r) == 2 for r in grid["accuracy"])
     assert (out / "probe" / "heatmap.png").exists() and open(out / "probe" / "grid.csv").readline().strip() == "layer,0,100"
@@ -174,7 +176,7 @@ def test_probe_writes_the_grid_and_cached_features_equal_recomputed_ones(ddpm_ru
     assert len(os.listdir(out / "cache")) == 2 * 3  # (train view 0, 1, test) x 2 levels
     # one cell recomputed from scratch: its own forward pass (one layer hooked), one head trained alone
     args = dp.build_parser().parse_args(["probe", "--ckpt", str(out / "ckpt"), *SMALL, "--probe-epochs", "5"])
-    dist = rd.setup_distributed("cpu")
+    dist = training.setup_distributed("cpu")
     net, obj, space, train, test, _ = dp.load_backbone(args, dist)
     train, test = dp._labeled_sets(args, train, test)
     i, layer, level = 7, names[7], 100
@@ -278,14 +280,14 @@ def _latents_file(path, n=40, size=8):
 
 def test_dit_path_official_raw_state_dict_gives_per_block_features(tmp_path):
     torch.manual_seed(0)
-    dit = rd.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=1, num_classes=10, learn_sigma=True)
+    dit = models.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=1, num_classes=10, learn_sigma=True)
     for p in dit.parameters():  # adaLN-Zero would make every block the identity
         torch.nn.init.normal_(p, std=0.05)
     torch.save(dit.state_dict(), tmp_path / "dit.pt")  # the release's format: a raw state dict
     _latents_file(str(tmp_path / "lat.safetensors"))
     args = dp.build_parser().parse_args(["probe", "--dit-path", str(tmp_path / "dit.pt"), "--data", str(tmp_path / "lat.safetensors"),
                                          "--test-data", str(tmp_path / "lat.safetensors"), "--device", "cpu"])
-    dist = rd.setup_distributed("cpu")
+    dist = training.setup_distributed("cpu")
     net, obj, space, train, test, _ = dp.load_backbone(args, dist)
     assert net.layer_names() == ["blocks.0", "blocks.1", "blocks.2"] and obj.kind == "ddpm" and obj.T == 1000
     f = dp.extract_features(net, obj, space, train, 10, net.layer_names(), 0, dist, view=1)

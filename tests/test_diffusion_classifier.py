@@ -10,8 +10,11 @@ from safetensors.torch import save_file
 
 import data
 import diffusion_classifier as dc
-import repcond_dit as rd
+
 from data import UserError
+import models
+import training
+import vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF = os.path.join(ROOT, "..", "shared", "reference", "dit_official_keys.json")
@@ -43,16 +46,16 @@ class Recorder(nn.Module):
 def random_dit(K=3, size=8, C=3, seed=0):
     """A tiny DiT with random (not adaLN-zero) weights, so every class gives a different eps."""
     torch.manual_seed(seed)
-    dit = rd.DiT(input_size=size, in_channels=C, num_classes=K, learn_sigma=False, **rd.DiT_models["DiT-XS/4"])
+    dit = models.DiT(input_size=size, in_channels=C, num_classes=K, learn_sigma=False, **models.DiT_models["DiT-XS/4"])
     for p in dit.parameters():
         p.data.normal_(0, 0.05)
     return dit.eval()
 
 
 def run_images(den, ds, policy, M, seed=0, batch_size=4, max_batch=7):
-    diffusion = rd.Diffusion(1000)
+    diffusion = models.Diffusion(1000)
     grid = dc.timestep_grid(1000, M)
-    space = rd.Space(ds, None, torch.device("cpu"))
+    space = vae.Space(ds, None, torch.device("cpu"))
     ef = dc.ErrorFn(den, diffusion, grid, max_batch=max_batch)
     r = dc.classify_images(ef, space, ds, range(len(ds)), policy, M, den.num_classes, seed, 0, batch_size, None, torch.device("cpu"))
     return r, ef
@@ -190,7 +193,7 @@ def test_ddae_unet_trained_class_conditionally_classifies(tmp_path):
     cfg = dict(stage="pretrain", arch="unet", model="tiny", unet=ddae._unet_config(unet), objective="ddpm", T=1000,
                beta_range=[1e-4, 0.02], sample_shape=[3, 32, 32], num_classes=10, data="shapes", image_size=None,
                vae_path=None, classes=data.SHAPES_CLASSES)
-    rd.save_checkpoint(str(tmp_path / "ckpt"), net, net, None, 0, cfg)
+    training.save_checkpoint(str(tmp_path / "ckpt"), net, net, None, 0, cfg)
     m = run(["classify", "--ckpt", str(tmp_path / "ckpt"), "--n-test", "4", "--n-samples", "2", "--n-val", "0",
              "--classes", "0", "1", "2", "--device", "cpu", "--out-dir", str(tmp_path / "cls"), "--no-progress"])
     assert m["n_images"] == 4 and m["nfe_per_image"] == 6
@@ -200,7 +203,7 @@ def test_ddae_unet_trained_class_conditionally_classifies(tmp_path):
 
 def test_unconditional_or_missing_checkpoints_give_one_clear_error(tmp_path):
     cfg = dict(stage="pretrain", model="DiT-XS/8", cond="none", sample_shape=[3, 32, 32], num_classes=0, T=1000, data="shapes")
-    rd.save_checkpoint(str(tmp_path / "ckpt"), rd.build_model(cfg), None, None, 0, cfg)
+    training.save_checkpoint(str(tmp_path / "ckpt"), models.build_model(cfg), None, None, 0, cfg)
     with pytest.raises(UserError, match="not class-conditional"):
         dc.load_denoiser(str(tmp_path / "ckpt"))
     with pytest.raises(UserError, match="no such file or folder"):

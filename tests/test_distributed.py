@@ -4,6 +4,7 @@ stops the run with one line naming the step and leaves the last good checkpoint 
 
 This file is also the torchrun driver: `torchrun --nproc_per_node=2 tests/test_distributed.py OUT` runs the same
 stages, in the same order, as the in-process reference (one launch instead of one per stage)."""
+import argparse
 import json
 import math
 import os
@@ -23,6 +24,8 @@ import ddae_probe  # noqa: E402
 import diffusion_classifier  # noqa: E402
 import repcond_dit  # noqa: E402
 import repfusion  # noqa: E402
+from data import UserError  # noqa: E402
+import training  # noqa: E402
 
 SCRIPTS = {"repcond_dit": repcond_dit, "ddae_probe": ddae_probe, "diffusion_classifier": diffusion_classifier,
            "repfusion": repfusion}
@@ -96,7 +99,7 @@ if __name__ == "__main__":
     try:
         run_stages(sys.argv[1])
     finally:
-        repcond_dit.cleanup_distributed()
+        training.cleanup_distributed()
 
 
 # ---------------------------------------------------------------------------------------------- torchrun == one process
@@ -164,7 +167,7 @@ def test_every_training_stage_under_torchrun_equals_one_process(tmp_path):
 def _load_checkpoint(ckpt):
     """Everything a resume reads, from the folder find_checkpoint picks: (step, model, ema)."""
     from safetensors.torch import load_file
-    d = repcond_dit.find_checkpoint(ckpt)
+    d = training.find_checkpoint(ckpt)
     state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
     json.load(open(os.path.join(d, "config.json")))
     return state["step"], load_file(os.path.join(d, "model.safetensors")), load_file(os.path.join(d, "ema.safetensors"))
@@ -222,9 +225,9 @@ class _Batches:
 def _fit(out, steps, bad=None, at=None):
     """The real fit() on a small MLP; bad="loss": the loss is NaN from step `at` on; bad="grad": at step `at` the loss
     is finite but its gradient is NaN (torch.where's unselected branch: 0 * d sqrt(-1) = NaN), as happens in practice."""
-    p = repcond_dit.argparse.ArgumentParser()
-    repcond_dit.add_common_args(p)
-    repcond_dit.add_train_args(p, steps=steps, batch_size=8, lr=1e-2)
+    p = argparse.ArgumentParser()
+    training.add_common_args(p)
+    training.add_train_args(p, steps=steps, batch_size=8, lr=1e-2)
     args = p.parse_args(["--device", "cpu", "--log-every", "2", "--ckpt-every", "2"])
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
@@ -237,7 +240,7 @@ def _fit(out, steps, bad=None, at=None):
             trap = torch.sqrt(-net[0].weight.pow(2).sum() - 1)  # NaN, never selected
             loss = torch.where(torch.tensor(True), loss, trap)
         return loss
-    return repcond_dit.fit(model, loss_fn, _Batches(), args, repcond_dit.Dist(), str(out), {"test": "nan"})
+    return training.fit(model, loss_fn, _Batches(), args, training.Dist(), str(out), {"test": "nan"})
 
 
 @pytest.mark.parametrize("bad", ["loss", "grad"])
@@ -245,7 +248,7 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tm
     # loss: NaN from step 5, seen at the log step 6; grad: step 4's loss is finite but its update makes the weights
     # NaN, which must stop the run before step 4's checkpoint is written
     at, stop, good = (5, "steps 5-6", 4) if bad == "loss" else (4, "step 4", 2)
-    with pytest.raises(repcond_dit.UserError) as e:
+    with pytest.raises(UserError) as e:
         _fit(tmp_path / "bad", 10, bad, at)
     msg = str(e.value)
     assert "\n" not in msg and stop in msg and "last good checkpoint kept" in msg, msg

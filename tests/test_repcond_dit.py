@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 
 import repcond_dit as rd
 from data import UserError
+import models
+import training
 from conftest import TinyFeatures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +37,7 @@ def cli(argv, **kw):
 def test_dit_names_and_shapes_equal_official_release(name):
     ref = json.load(open(REF))[name]
     with torch.device("meta"):
-        model = rd.DiT(input_size=32, in_channels=4, num_classes=1000, learn_sigma=True, **rd.DiT_models[name])
+        model = models.DiT(input_size=32, in_channels=4, num_classes=1000, learn_sigma=True, **models.DiT_models[name])
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == ref
 
 
@@ -57,7 +59,7 @@ def _random_official_file(tmp_path, name, wrap=None):
 
 def test_official_dit_b2_file_loads_strictly_and_predicts_eps(tmp_path):
     path, sd = _random_official_file(tmp_path, "DiT-B/2", wrap="ema")
-    model = rd.load_dit(path)
+    model = models.load_dit(path)
     assert model.num_classes == 1000 and model.out_channels == 8 and model.depth == 12
     assert torch.equal(model.state_dict()["blocks.3.mlp.fc1.weight"], sd["blocks.3.mlp.fc1.weight"].float())
     with torch.no_grad():
@@ -67,7 +69,7 @@ def test_official_dit_b2_file_loads_strictly_and_predicts_eps(tmp_path):
 
 def test_official_dit_xl2_file_loads_strictly(tmp_path):
     path, sd = _random_official_file(tmp_path, "DiT-XL/2")
-    model = rd.load_dit(path)
+    model = models.load_dit(path)
     assert model.depth == 28 and model.hidden_size == 1152 and model.num_classes == 1000
     assert torch.equal(model.pos_embed, sd["pos_embed"].float())
 
@@ -79,7 +81,7 @@ def test_checkpoint_of_another_model_gives_one_clear_error(tmp_path):
     sd["final_layer.linear.bias"] = torch.zeros(16)
     torch.save(sd, path)
     with pytest.raises(UserError, match=r"missing \[blocks\.11\.attn\.qkv\.weight\].*unexpected \[extra\.weight\].*final_layer\.linear\.bias \(16,\) vs \(32,\)"):
-        rd.load_dit(path)
+        models.load_dit(path)
 
 
 def test_pickle_that_runs_code_is_refused(tmp_path):
@@ -89,27 +91,27 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"pos_embed": Evil()}, path)
     with pytest.raises(UserError, match="evil.pt"):
-        rd.load_dit(path)
+        models.load_dit(path)
     assert not (tmp_path / "pwned").exists()
 
 
 def test_sincos_positions_follow_the_mae_layout():
     # first half of the channels encodes the column, second half the row; sin then cos within each half
-    pe = rd.sincos_pos_embed_2d(8, 4)[0]  # (16, 8)
+    pe = models.sincos_pos_embed_2d(8, 4)[0]  # (16, 8)
     col, row = 1, 2
     assert torch.allclose(pe[row * 4 + col, :2], torch.tensor([0.8414709848, 0.0099998333]), atol=1e-6)  # sin(col * omega)
     assert torch.allclose(pe[row * 4 + col, 4:6], torch.tensor([0.9092974268, 0.0199986667]), atol=1e-6)  # sin(row * omega)
 
 
 def test_adaln_zero_makes_a_fresh_dit_predict_zero():
-    model = rd.DiT(input_size=16, in_channels=3, num_classes=4, learn_sigma=False, **rd.DiT_models["DiT-XS/4"])
+    model = models.DiT(input_size=16, in_channels=3, num_classes=4, learn_sigma=False, **models.DiT_models["DiT-XS/4"])
     out = model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), y=torch.tensor([0, 4]))
     assert out.shape == (2, 3, 16, 16) and out.abs().max() == 0
 
 
 def test_cfg_with_scale_one_equals_the_conditional_prediction():
     torch.manual_seed(0)
-    model = rd.DiT(input_size=16, in_channels=3, num_classes=4, learn_sigma=True, **rd.DiT_models["DiT-XS/4"])
+    model = models.DiT(input_size=16, in_channels=3, num_classes=4, learn_sigma=True, **models.DiT_models["DiT-XS/4"])
     for p in model.parameters():
         p.data.normal_(0, 0.05)
     x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([5, 50, 500]), torch.tensor([0, 1, 2])
@@ -120,7 +122,7 @@ def test_cfg_with_scale_one_equals_the_conditional_prediction():
 def test_dc0_shares_eps_across_classes_and_picks_the_best_reconstruction():
     """A stub denoiser whose eps prediction is exact only for class 2: DC0 must pick class 2, and every
     class must have seen the same noisy input for a given image."""
-    diffusion = rd.Diffusion()
+    diffusion = models.Diffusion()
     seen = []
 
     class Stub(torch.nn.Module):
@@ -160,11 +162,11 @@ def test_resume_is_exact(tmp_path):
 def test_checkpoint_swap_leaves_a_readable_checkpoint(tmp_path):
     model = torch.nn.Linear(2, 2)
     d = str(tmp_path / "ckpt")
-    rd.save_checkpoint(d, model, step=1, config={"a": 1})
+    training.save_checkpoint(d, model, step=1, config={"a": 1})
     os.replace(d, d + ".old")  # a crash between the two renames of the next save
-    assert rd.find_checkpoint(d) == d + ".old"
-    rd.save_checkpoint(d, model, step=2, config={"a": 2})
-    assert rd.find_checkpoint(d) == d and not os.path.exists(d + ".old")
+    assert training.find_checkpoint(d) == d + ".old"
+    training.save_checkpoint(d, model, step=2, config={"a": 2})
+    assert training.find_checkpoint(d) == d and not os.path.exists(d + ".old")
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -219,8 +221,8 @@ def test_fid_is_near_zero_for_the_same_set_and_larger_for_noise(tmp_path):
     import data
     real = data.load("shapes", "test").images[:200]
     noise = torch.randint(0, 256, real.shape, dtype=torch.uint8)
-    same = rd.compute_fid(real, real, str(tmp_path), "cpu", TinyFeatures())
-    far = rd.compute_fid(real, noise, str(tmp_path), "cpu", TinyFeatures())
+    same = training.compute_fid(real, real, str(tmp_path), "cpu", TinyFeatures())
+    far = training.compute_fid(real, noise, str(tmp_path), "cpu", TinyFeatures())
     assert abs(same) < 1e-3 and far > 100 * max(same, 1e-3)
 
 

@@ -1,0 +1,837 @@
+"""
+The diffusion networks several methods share, in their official parameter layouts, with presets and loaders:
+DiT (facebookresearch/DiT names, so `DiT-XL-2-256x256.pt` loads strictly), paper 000's ViT encoder and the
+representation-conditioned DiT built on it, the DDPM / DDPM++ UNet (Ho et al.; EDM's DDPM++), the noise
+schedules and objectives they are trained with (DDPM eps-prediction, EDM preconditioning) and the samplers.
+
+Used by every method file: repcond_dit.py trains RepCondDiT, ddae_probe.py trains and probes the UNet (and
+DiT), diffusion_classifier.py classifies with any class-conditional one, repfusion.py distils from them.
+"""
+import copy
+import math
+import os
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from data import UserError
+from training import draw_global, find_checkpoint, load_json, load_state_dict_strict, load_torch, load_weights, resolve_amp, step_generator
+from vae import Space
+
+# ----------------------------------------------------------------------------------------------
+# DiT (official parameter names)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of (possibly fractional) timesteps, cat([cos, sin]) as in DiT/ADM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]  # (N, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim)
+
+
+def sincos_pos_embed_2d(dim, grid_size):
+    """Fixed 2-D sin-cos positions of MAE/DiT: half the channels encode one axis, half the other."""
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    grid_w, grid_h = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32))
+    # DiT meshgrids (w, h), so the first half of the channels follows the column index
+    emb = np.concatenate([one_axis(dim // 2, grid_w), one_axis(dim // 2, grid_h)], axis=1)
+    return torch.from_numpy(emb).float().unsqueeze(0)  # (1, grid_size**2, dim)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.frequency_embedding_size))  # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class embeddings with one extra row (index num_classes) for the null label of classifier-free guidance."""
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y, drop_mask=None):
+        if drop_mask is not None:  # (N,) bool, drawn by the caller so that it is reproducible
+            y = torch.where(drop_mask, torch.full_like(y, self.num_classes), y)
+        return self.embedding_table(y)  # (N, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        N, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, D / heads)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero: the conditioning c sets shift/scale/gate of both sub-layers."""
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def unpatchify(x, p, channels):
+    """(N, T, p*p*C) tokens -> (N, C, H, W) image, T = (H/p)*(W/p) on a square grid."""
+    N, T, _ = x.shape
+    h = w = int(T ** 0.5)
+    x = x.reshape(N, h, w, p, p, channels)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(N, channels, h * p, w * p)
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer. Conditioning c = t_emb [+ y_emb] [+ rep_embedder(r)] drives every block's adaLN.
+
+    With rep_dim > 0 a representation r (N, rep_dim) is added to c: this is how r is "combined at the
+    beginning of each of the N blocks" in the paper (which does not name the operator; adaLN
+    conditioning is DiT's own way in, and it lets `tune` swap r for a label embedding exactly).
+    With input_map=True a latent-shaped map (the encoder's "decode" output) gets its own patch embedding,
+    added to the input tokens: the same as concatenating it to x as extra channels, so the denoiser can
+    tell the map and the noisy input apart (adding the map to x in pixel space would mix the two).
+    """
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, rep_dim=0, input_map=False):
+        super().__init__()
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.num_classes, self.rep_dim, self.hidden_size, self.depth = num_classes, rep_dim, hidden_size, depth
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        if num_classes > 0:
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        if rep_dim > 0:
+            self.rep_embedder = nn.Linear(rep_dim, hidden_size)
+        if input_map:
+            self.map_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        num_patches = (input_size // patch_size) ** 2
+        # stored in the state dict like the official release, but never trained
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT's init: xavier linears, sin-cos positions, and adaLN-Zero (every block starts as identity)."""
+        def _basic(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.apply(_basic)
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.hidden_size, self.input_size // self.patch_size))
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if hasattr(self, "map_embedder"):
+            nn.init.xavier_uniform_(self.map_embedder.proj.weight.data.view(self.hidden_size, -1))
+            nn.init.zeros_(self.map_embedder.proj.bias)
+        if self.num_classes > 0:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.rep_dim > 0:
+            nn.init.zeros_(self.rep_embedder.weight)  # starts as the unconditional model
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for m in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x, t, y=None, r=None, y_drop=None, x_map=None):
+        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) labels, r: (N, rep_dim),
+        x_map: (N, C, H, W) encoder map. -> (N, out_C, H, W)"""
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        if x_map is not None:
+            x = x + self.map_embedder(x_map)  # injection point 1
+        c = self.t_embedder(t)  # (N, D)
+        if y is not None:
+            c = c + self.y_embedder(y, y_drop)
+        if r is not None:
+            c = c + self.rep_embedder(r)
+        for block in self.blocks:
+            x = block(x, c)  # (N, T, D)
+        x = self.final_layer(x, c)  # (N, T, p*p*out_C)
+        return unpatchify(x, self.patch_size, self.out_channels)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale):
+        """Classifier-free guidance on eps: x and t are the un-doubled batch, y its labels."""
+        null = torch.full_like(y, self.num_classes)
+        out = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        eps_c, eps_u = out[:, :self.in_channels].chunk(2)
+        eps = eps_u + cfg_scale * (eps_c - eps_u)
+        return torch.cat([eps, out[:len(x), self.in_channels:]], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Paper 000's model: the ViT encoder f_phi and the representation-conditioned DiT (here, not in repcond_dit.py,
+# because its checkpoints are also teachers in repfusion.py and denoisers in diffusion_classifier.py); presets
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block of the encoder (no conditioning)."""
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTEncoder(nn.Module):
+    """f_phi: clean latent z0 -> (tokens, pooled representation r), plus the paper's "decode" head.
+
+    The decode head (Norm, Linear, Unpatchify) turns the tokens into a latent-shaped map that is combined
+    with the denoiser's input (injection point 1). It starts as a random (xavier) projection rather than at
+    zero: a zero head behind DiT's zero-initialised blocks gets no gradient until the blocks wake up, and
+    the joint model then takes hundreds of steps longer to use the map.
+    """
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=384, depth=12, num_heads=6,
+                 rep_dim=256, decode_head=True):
+        super().__init__()
+        self.patch_size, self.in_channels = patch_size, in_channels
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(hidden_size, input_size // patch_size), requires_grad=False)
+        self.blocks = nn.ModuleList([ViTBlock(hidden_size, num_heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.rep_head = nn.Linear(hidden_size, rep_dim)
+        if decode_head:
+            self.decode_norm = nn.LayerNorm(hidden_size, eps=1e-6)
+            self.decode_linear = nn.Linear(hidden_size, patch_size * patch_size * in_channels)
+        self.decode_head = decode_head
+        self.apply(lambda m: (nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)) if isinstance(m, nn.Linear) else None)
+
+    def forward(self, z0):
+        """z0: (N, C, H, W) -> tokens (N, T, D), r (N, rep_dim)"""
+        x = self.x_embedder(z0) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        tokens = self.norm(x)  # (N, T, D)
+        return tokens, self.rep_head(tokens.mean(dim=1))  # r: (N, rep_dim)
+
+    def decode(self, tokens):
+        return unpatchify(self.decode_linear(self.decode_norm(tokens)), self.patch_size, self.in_channels)  # (N, C, H, W)
+
+
+class RepCondDiT(nn.Module):
+    """The pre-training model: encoder f_phi (optional) + denoiser g_theta, one module for DDP and checkpoints.
+
+    inject: "both" (the paper: decode map added to the input and r in every block's conditioning),
+    "blocks" (the bottleneck variant: pooled r only; the denoiser never sees z0 spatially), "input".
+    cond "none" drops the encoder: the unconditional baseline.
+    """
+    def __init__(self, denoiser, encoder=None, inject="both"):
+        super().__init__()
+        self.denoiser, self.encoder, self.inject = denoiser, encoder, inject
+
+    def forward(self, z_t, t, z0=None, y=None, y_drop=None):
+        r = x_map = None
+        if self.encoder is not None:
+            tokens, r = self.encoder(z0)  # (N, T, D), (N, rep_dim)
+            if self.inject in ("both", "input"):
+                x_map = self.encoder.decode(tokens)  # (N, C, H, W)
+            if self.inject == "input":
+                r = None
+        return self.denoiser(z_t, t, y=y, r=r, y_drop=y_drop, x_map=x_map)
+
+
+# presets: (depth, hidden, heads); DiT-XS and ViT-XS are this project's CPU sizes for demos and tests
+_DIT_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6), "XS": (4, 128, 4)}
+
+
+DiT_models = {f"DiT-{s}/{p}": dict(depth=d, hidden_size=h, num_heads=n, patch_size=p)
+              for s, (d, h, n) in _DIT_SIZES.items() for p in (2, 4, 8)}
+
+
+_VIT_SIZES = {"B": (12, 768, 12), "S": (12, 384, 6), "XS": (4, 128, 4)}
+
+
+ViT_models = {f"ViT-{s}/{p}": dict(depth=d, hidden_size=h, num_heads=n, patch_size=p)
+              for s, (d, h, n) in _VIT_SIZES.items() for p in (2, 4, 8)}
+
+
+def build_model(cfg):
+    """Build the model described by a config dict (what config.json of a checkpoint holds)."""
+    C, H = cfg["sample_shape"][0], cfg["sample_shape"][1]
+    rep = cfg.get("cond") == "rep"
+    rep_dim = cfg["rep_dim"] if rep and cfg.get("inject") != "input" else 0
+    denoiser = DiT(input_size=H, in_channels=C, num_classes=cfg.get("num_classes", 0), learn_sigma=cfg.get("learn_sigma", False),
+                   class_dropout_prob=cfg.get("class_dropout", 0.1), rep_dim=rep_dim,
+                   input_map=rep and cfg.get("inject") in ("both", "input"), **DiT_models[cfg["model"]])
+    encoder = None
+    if rep:
+        encoder = ViTEncoder(input_size=H, in_channels=C, rep_dim=cfg["rep_dim"], decode_head=cfg["inject"] in ("both", "input"),
+                             **ViT_models[cfg["encoder"]])
+    return RepCondDiT(denoiser, encoder, cfg.get("inject", "both"))
+
+
+def load_dit(path, device="cpu"):
+    """Load an official DiT checkpoint (raw state dict, or a training checkpoint's "ema"/"model") strictly.
+
+    The architecture is read off the tensor shapes: hidden size and token count from pos_embed, patch and
+    channels from x_embedder, depth from the blocks, classes from the label table (minus the null row).
+    """
+    sd = load_torch(path, "DiT checkpoint")
+    if isinstance(sd, dict) and ("ema" in sd or "model" in sd):
+        sd = sd.get("ema", sd.get("model"))
+    if not isinstance(sd, dict) or "pos_embed" not in sd or "x_embedder.proj.weight" not in sd:
+        raise UserError(f"{path}: not a DiT state dict (no pos_embed / x_embedder.proj.weight)")
+    hidden, patch, in_ch = sd["pos_embed"].shape[2], sd["x_embedder.proj.weight"].shape[2], sd["x_embedder.proj.weight"].shape[1]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    heads = {1152: 16, 1024: 16, 768: 12, 384: 6, 128: 4}.get(hidden, max(1, hidden // 64))
+    out_ch = sd["final_layer.linear.weight"].shape[0] // patch ** 2
+    num_classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1 if "y_embedder.embedding_table.weight" in sd else 0
+    input_size = int(round(sd["pos_embed"].shape[1] ** 0.5)) * patch
+    with torch.device("meta"):  # skip the random init of up to 675M parameters: the file overwrites all of them
+        model = DiT(input_size=input_size, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth, num_heads=heads,
+                    num_classes=num_classes, learn_sigma=out_ch == 2 * in_ch)
+    model = model.to_empty(device="cpu")
+    load_state_dict_strict(model, sd, path)
+    return model.float().to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# The DDPM / DDPM++ UNet, every block addressable by name
+
+
+def Normalize(channels):
+    return nn.GroupNorm(min(32, channels // 4) if channels % 32 else 32, channels, eps=1e-6)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions (DDPM), residual, output projection starts at zero."""
+    def __init__(self, channels, skip_scale=1.0):
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.skip_scale = skip_scale
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(N, 3, 1, C, H * W).transpose(-1, -2).unbind(1)  # 3 x (N, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)  # (N, 1, HW, C)
+        return (x + self.proj_out(h.transpose(-1, -2).reshape(N, C, H, W))) * self.skip_scale
+
+
+class GlobalDropout(nn.Dropout):
+    """nn.Dropout whose training mask is drawn for the GLOBAL batch from a generator seeded alike on every rank at
+    each step (_seed_step), of which this rank keeps its rows: under DDP, N processes drop exactly the units one
+    process with the same global batch would (per-rank masks would not), and a resumed run draws the same masks."""
+    rng = None  # (generator, dist) of the current training step; None: plain dropout from the global RNG
+
+    def forward(self, x):
+        if not self.training or self.p == 0 or GlobalDropout.rng is None:
+            return super().forward(x)
+        return x * self._keep(x) / (1 - self.p)
+
+    @torch.compiler.disable  # a new generator every step: drawn eagerly, not traced (and re-traced) by torch.compile
+    def _keep(self, x):
+        return (draw_global(GlobalDropout.rng[0], "rand", x.shape[0], GlobalDropout.rng[1], *x.shape[1:]) >= self.p).to(x.device)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with the (time [+ label]) embedding added in between, 1x1 skip when the shape
+    changes, optional attention after it. resample="down"/"up" makes it the DDPM++ (BigGAN-style) resampling
+    block: both paths are average-pooled / nearest-upsampled (EDM's [1, 1] resample filter) inside the block."""
+    def __init__(self, in_ch, out_ch, emb_dim, dropout=0.0, attn=False, resample=None, skip_scale=1.0):
+        super().__init__()
+        self.norm1 = Normalize(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = Normalize(out_ch)
+        self.dropout = GlobalDropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch or resample else nn.Identity()
+        self.attn = AttnBlock(out_ch, skip_scale) if attn else None
+        self.resample, self.skip_scale, self.out_ch = resample, skip_scale, out_ch
+
+    def _resample(self, x):
+        if self.resample == "down":
+            return F.avg_pool2d(x, 2)
+        if self.resample == "up":
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x
+
+    def forward(self, x, emb):
+        h = F.silu(self.norm1(x))
+        h, x = self._resample(h), self._resample(x)
+        h = self.conv1(h) + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        x = (self.skip(x) + h) * self.skip_scale
+        return self.attn(x) if self.attn is not None else x
+
+
+class Downsample(nn.Module):
+    """DDPM: a stride-2 3x3 conv."""
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.out_ch = channels
+
+    def forward(self, x, emb=None):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """DDPM: nearest x2, then a 3x3 conv."""
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.out_ch = channels
+
+    def forward(self, x, emb=None):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels, emb_dim, dropout, skip_scale):
+        super().__init__()
+        self.block1 = ResBlock(channels, channels, emb_dim, dropout, attn=True, skip_scale=skip_scale)
+        self.block2 = ResBlock(channels, channels, emb_dim, dropout, skip_scale=skip_scale)
+        self.out_ch = channels
+
+    def forward(self, x, emb):
+        return self.block2(self.block1(x, emb), emb)
+
+
+class UNet(nn.Module):
+    """The DDPM UNet (Ho et al.) and its DDPM++ variant (Song et al., as trained by EDM).
+
+    forward(x, t, y=None) -> eps (ddpm objective) or the raw network output F (edm objective): the
+    objective decides what the output means. t: (N,) timesteps (DDPM) or c_noise (EDM), any float.
+    num_classes > 0 adds a label embedding to the time embedding; index num_classes is the null label
+    (y=None means null), for classifier-free guidance dropout.
+    stop_at=NAME returns the activation of that block instead (truncated network, no output head).
+    self.layers lists (name, channels, resolution) of every block, in forward order.
+    """
+    def __init__(self, in_channels=3, image_size=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,),
+                 dropout=0.1, resblock_updown=False, skip_scale=1.0, up_attn_last_only=False, num_classes=0):
+        super().__init__()
+        self.config = dict(in_channels=in_channels, image_size=image_size, ch=ch, ch_mult=list(ch_mult),
+                           num_res_blocks=num_res_blocks, attn_res=list(attn_res), dropout=dropout,
+                           resblock_updown=resblock_updown, skip_scale=skip_scale, up_attn_last_only=up_attn_last_only,
+                           num_classes=num_classes)
+        emb_dim = 4 * ch
+        self.ch, self.num_classes, self.stop_at = ch, num_classes, None
+        self.temb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
+        self.stem = nn.Conv2d(in_channels, ch, 3, padding=1)
+        block = partial(ResBlock, emb_dim=emb_dim, dropout=dropout, skip_scale=skip_scale)
+        down, skips, cur, res, self.layers = [], [ch], ch, image_size, []
+        for i, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                down.append(block(cur, ch * mult, attn=res in attn_res))
+                cur = ch * mult
+                skips.append(cur)
+                self.layers.append((f"down.{len(down) - 1}", cur, res))
+            if i != len(ch_mult) - 1:
+                down.append(block(cur, cur, resample="down") if resblock_updown else Downsample(cur))
+                res //= 2
+                skips.append(cur)
+                self.layers.append((f"down.{len(down) - 1}", cur, res))
+        self.down = nn.ModuleList(down)
+        self.mid = MidBlock(cur, emb_dim, dropout, skip_scale)
+        self.layers.append(("mid", cur, res))
+        up = []
+        for i, mult in reversed(list(enumerate(ch_mult))):
+            for j in range(num_res_blocks + 1):
+                attn = res in attn_res and (j == num_res_blocks or not up_attn_last_only)
+                up.append(block(cur + skips.pop(), ch * mult, attn=attn))
+                up[-1].cat_skip = True
+                cur = ch * mult
+                self.layers.append((f"up.{len(up) - 1}", cur, res))
+            if i != 0:
+                up.append(block(cur, cur, resample="up") if resblock_updown else Upsample(cur))
+                res *= 2
+                self.layers.append((f"up.{len(up) - 1}", cur, res))
+        self.up = nn.ModuleList(up)
+        self.out_norm = Normalize(cur)
+        self.out_conv = nn.Conv2d(cur, in_channels, 3, padding=1)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DDPM's init: xavier-uniform weights, zero biases; the last conv of every res block, the attention
+        output and the output conv start at zero, so each block starts as its skip path."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                nn.init.zeros_(m.conv2.weight)
+            elif isinstance(m, AttnBlock):
+                nn.init.zeros_(m.proj_out.weight)
+        if getattr(self, "out_conv", None) is not None:
+            nn.init.zeros_(self.out_conv.weight)
+
+    def layer_names(self):
+        return [name for name, _, _ in self.layers]
+
+    def layer(self, name):
+        return self.get_submodule(name)
+
+    def embed(self, t, y=None):
+        emb = self.temb(timestep_embedding(t, self.ch))  # (N, 4ch)
+        if self.label_emb is not None:
+            if y is None:
+                y = torch.full((t.shape[0],), self.num_classes, dtype=torch.long, device=t.device)
+            emb = emb + self.label_emb(y)
+        return emb
+
+    def forward(self, x, t, y=None, stop_at=None):
+        stop_at = stop_at or self.stop_at
+        emb = self.embed(t, y)
+        h = self.stem(x)  # (N, ch, H, W)
+        hs = [h]
+        for i, m in enumerate(self.down):
+            h = m(h, emb)
+            hs.append(h)
+            if stop_at == f"down.{i}":
+                return h
+        h = self.mid(h, emb)  # (N, C_mid, H_min, W_min)
+        if stop_at == "mid":
+            return h
+        for i, m in enumerate(self.up):
+            h = m(torch.cat([h, hs.pop()], dim=1), emb) if getattr(m, "cat_skip", False) else m(h, emb)
+            if stop_at == f"up.{i}":
+                return h
+        return self.out_conv(F.silu(self.out_norm(h)))  # (N, C_in, H, W)
+
+    def truncated(self, name):
+        """A copy that ends at block `name` (its output, unpooled); the blocks after it are removed, so DDP
+        sees no unused parameters and fine-tuning touches only what the features depend on."""
+        if name not in self.layer_names():
+            raise UserError(f"--layer {name}: not a layer of this UNet (one of {', '.join(self.layer_names())})")
+        net = copy.deepcopy(self)
+        kind, _, idx = name.partition(".")
+        if kind == "down":
+            net.down = net.down[:int(idx) + 1]
+            net.mid = None
+        if kind != "up":
+            net.up = nn.ModuleList()
+        else:
+            net.up = net.up[:int(idx) + 1]
+        net.out_norm = net.out_conv = None
+        net.stop_at = name
+        net.layers = [layer for layer in self.layers[:self.layer_names().index(name) + 1]]
+        return net
+
+
+# presets; `tiny` is this project's CPU size (tests, the bare run)
+UNet_models = {
+    "ddpm": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1),  # 35.7M at 32x32
+    "ddpmpp": dict(ch=128, ch_mult=(2, 2, 2), num_res_blocks=4, attn_res=(16,), dropout=0.13,
+                   resblock_updown=True, skip_scale=math.sqrt(0.5), up_attn_last_only=True),  # EDM's CIFAR-10 DDPM++, 55.7M
+    "tiny": dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(8,), dropout=0.0),  # 0.28M at 32x32
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Diffusion: the DDPM linear schedule, DiT's eps loss, DDPM/DDIM samplers; the DDPM (VP, eps-prediction) and
+# EDM (VE, preconditioned) objectives of the UNets, and the map from a noise level to the network's input
+
+
+class Diffusion:
+    """Linear betas 1e-4..0.02 over T steps; gamma_t = sqrt(abar_t), delta_t = sqrt(1 - abar_t)."""
+    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02, device="cpu"):
+        self.T = T
+        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        abar = torch.cumprod(1 - betas, 0)
+        self.alphas_cumprod = abar.float().to(device)
+        self.gamma, self.delta = abar.sqrt().float().to(device), (1 - abar).sqrt().float().to(device)
+
+    def q_sample(self, z0, t, eps):
+        return self.gamma[t].view(-1, 1, 1, 1) * z0 + self.delta[t].view(-1, 1, 1, 1) * eps
+
+    def predict_z0(self, z_t, t, eps_hat):
+        return (z_t - self.delta[t].view(-1, 1, 1, 1) * eps_hat) / self.gamma[t].view(-1, 1, 1, 1)
+
+
+def diffusion_loss(model, diffusion, z0, step, seed, dist, y=None, class_dropout=0.0):
+    """eps-prediction MSE, L = ||eps - g(z_t, r, t)||^2, with (t, eps, label dropout) drawn per step."""
+    g, n = step_generator(seed, step, z0.device), z0.shape[0]
+    t = draw_global(g, "randint", n, dist, high=diffusion.T)
+    eps = draw_global(g, "randn", n, dist, *z0.shape[1:])
+    drop = draw_global(g, "rand", n, dist) < class_dropout
+    z_t = diffusion.q_sample(z0, t, eps)
+    out = model(z_t, t, z0=z0, y=y, y_drop=drop if y is not None else None)
+    return F.mse_loss(out[:, :z0.shape[1]].float(), eps)
+
+
+@torch.no_grad()
+def sample_loop(eps_fn, shape, diffusion, steps=50, method="ddim", device="cpu", generator=None, clip=None):
+    """DDPM (ancestral, respaced to `steps`) or DDIM (eta = 0) from pure noise. eps_fn(x, t) -> eps."""
+    ts = torch.linspace(diffusion.T - 1, 0, steps, device=device).round().long()
+    abar = diffusion.alphas_cumprod
+    x = torch.randn(shape, device=device, generator=generator)
+    for i, t in enumerate(ts):
+        a_t = abar[t]
+        a_prev = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, device=device)
+        eps = eps_fn(x, t.expand(shape[0])).float()
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
+        if method == "ddim":
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        else:  # posterior q(x_prev | x_t, x0) of the respaced chain
+            beta = 1 - a_t / a_prev
+            mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0 + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)) * x
+            var = beta * (1 - a_prev) / (1 - a_t)
+            noise = torch.randn(shape, device=device, generator=generator)
+            x = mean + (var.sqrt() * noise if i + 1 < len(ts) else 0)
+    return x
+
+
+class DDPMObjective:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, linear betas over T steps; the network predicts eps.
+
+    Levels are 0-based integer timesteps: t indexes the schedule, t = 0 is one step of noise (beta_1), so the
+    paper's t (counted from 1 as in DDPM) is ours + 1. The network is conditioned on t itself."""
+    kind = "ddpm"
+
+    def __init__(self, T=1000, beta_range=(1e-4, 0.02), device="cpu"):
+        self.T, self.beta_range = T, tuple(beta_range)
+        self.diffusion = Diffusion(T, beta_range[0], beta_range[1], device=device)
+
+    def loss(self, net, x0, step, seed, dist, y=None, class_dropout=0.0, null_label=0):
+        g, n = step_generator(seed, step, x0.device), x0.shape[0]
+        t = draw_global(g, "randint", n, dist, high=self.T)
+        eps = draw_global(g, "randn", n, dist, *x0.shape[1:])
+        drop = draw_global(g, "rand", n, dist) < class_dropout
+        if y is not None and class_dropout > 0:
+            y = torch.where(drop, torch.full_like(y, null_label), y)
+        out = net(self.diffusion.q_sample(x0, t, eps).to(memory_format=mem_format(x0)), t.float(), y)
+        return F.mse_loss(out.float(), eps)
+
+    def net_input(self, x0, level, eps=None):
+        """(network input, conditioning) for images x0 noised to `level` (N,); eps=None: no noise (fine-tuning)."""
+        t = level.long()
+        x = self.diffusion.gamma[t].view(-1, 1, 1, 1) * x0
+        if eps is not None:
+            x = x + self.diffusion.delta[t].view(-1, 1, 1, 1) * eps
+        return x, t.float()
+
+    def random_levels(self, g, n, dist):
+        return draw_global(g, "randint", n, dist, high=self.T)
+
+    def tau_input(self, level):
+        """The noise-conditional classifier's timestep coordinate, in [0, 1000) for both objectives."""
+        return level.float() * (1000.0 / self.T)
+
+    def check_levels(self, levels):
+        bad = [t for t in levels if t != int(t) or not 0 <= t < self.T]
+        if bad:
+            raise UserError(f"--t {bad}: ddpm timesteps must be integers in [0, {self.T - 1}]")
+        return [int(t) for t in levels]
+
+    def default_levels(self):
+        """The paper's DDPM optimum t = 11 (of 1000) and a sweep around it, scaled to T."""
+        return sorted({min(self.T - 1, int(round(f * self.T))) for f in (0.0, 0.011, 0.025, 0.05, 0.1, 0.2, 0.4)})
+
+    @torch.no_grad()
+    def sample(self, net, shape, generator, steps=None, y=None, method="ddpm"):
+        eps_fn = lambda x, t: net(x, t.float(), y).float()  # noqa: E731
+        return sample_loop(eps_fn, shape, self.diffusion, steps or self.T, method, generator.device, generator, clip=1.0)
+
+
+class EDMObjective:
+    """EDM (Karras et al. 2022): x = x0 + sigma * eps, D(x; sigma) = c_skip x + c_out F(c_in x, c_noise), trained
+    with log-normal sigma (P_mean, P_std) and the loss weight (sigma^2 + sd^2) / (sigma sd)^2.
+
+    Levels are sigma itself (floats). The network is fed c_in(sigma) * x and conditioned on c_noise = ln(sigma) / 4,
+    so a probe "at t = 0.06" means sigma = 0.06. The VP equivalent of sigma is abar = 1 / (1 + sigma^2)."""
+    kind = "edm"
+
+    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
+        self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
+
+    def precond(self, sigma):
+        sd = self.sigma_data
+        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
+        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
+        return c_skip, c_out, c_in, sigma.log() / 4
+
+    def denoise(self, net, x, sigma, y=None):
+        """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise): the denoised image. sigma: (N,)"""
+        c_skip, c_out, c_in, c_noise = self.precond(sigma.float())
+        c_skip, c_out, c_in = (c.view(-1, 1, 1, 1) for c in (c_skip, c_out, c_in))
+        return c_skip * x + c_out * net(c_in * x, c_noise, y).float()
+
+    def loss(self, net, x0, step, seed, dist, y=None, class_dropout=0.0, null_label=0):
+        g, n = step_generator(seed, step, x0.device), x0.shape[0]
+        sigma = (draw_global(g, "randn", n, dist) * self.P_std + self.P_mean).exp()
+        eps = draw_global(g, "randn", n, dist, *x0.shape[1:])
+        drop = draw_global(g, "rand", n, dist) < class_dropout
+        if y is not None and class_dropout > 0:
+            y = torch.where(drop, torch.full_like(y, null_label), y)
+        weight = ((sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2).view(-1, 1, 1, 1)
+        D = self.denoise(net, (x0 + sigma.view(-1, 1, 1, 1) * eps).to(memory_format=mem_format(x0)), sigma, y)
+        return (weight * (D - x0) ** 2).mean()
+
+    def net_input(self, x0, level, eps=None):
+        sigma = level.float()
+        _, _, c_in, c_noise = self.precond(sigma)
+        x = x0 if eps is None else x0 + sigma.view(-1, 1, 1, 1) * eps
+        return c_in.view(-1, 1, 1, 1) * x, c_noise
+
+    def random_levels(self, g, n, dist):
+        """Log-uniform over [sigma_min, sigma_max]: every level the sampler visits (noise-conditional classifier)."""
+        u = draw_global(g, "rand", n, dist)
+        return (math.log(self.sigma_min) + u * (math.log(self.sigma_max) - math.log(self.sigma_min))).exp()
+
+    def tau_input(self, level):
+        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        return (level.float().log() - lo) / (hi - lo) * 1000.0
+
+    def check_levels(self, levels):
+        bad = [s for s in levels if not s > 0]
+        if bad:
+            raise UserError(f"--t {bad}: edm levels are noise levels sigma > 0")
+        return [float(s) for s in levels]
+
+    def default_levels(self):
+        """Around the paper's EDM optimum sigma ~ 0.06."""
+        return [0.002, 0.01, 0.03, 0.06, 0.1, 0.2, 0.5, 1.0]
+
+    @torch.no_grad()
+    def sample(self, net, shape, generator, steps=None, y=None, method="heun"):
+        """EDM's deterministic Heun sampler (Algorithm 1): `steps` (18) levels, 2 * steps - 1 evaluations."""
+        steps, device = steps or 18, generator.device
+        i = torch.arange(steps, dtype=torch.float64, device=device)
+        lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
+        s = (hi + i / (steps - 1) * (lo - hi)) ** self.rho  # EDM's time steps, sigma_max -> sigma_min
+        s = torch.cat([s, torch.zeros(1, dtype=torch.float64, device=device)])
+        x = torch.randn(shape, generator=generator, device=device, dtype=torch.float64) * s[0]
+        for k in range(steps):
+            s_cur, s_next = s[k], s[k + 1]
+            d = (x - self.denoise(net, x.float(), s_cur.float().expand(shape[0]), y).double()) / s_cur
+            x_next = x + (s_next - s_cur) * d
+            if k < steps - 1:
+                d2 = (x_next - self.denoise(net, x_next.float(), s_next.float().expand(shape[0]), y).double()) / s_next
+                x_next = x + (s_next - s_cur) * (0.5 * d + 0.5 * d2)
+            x = x_next
+        return x.float().clamp(-1, 1)
+
+
+def make_objective(cfg, device="cpu"):
+    if cfg["objective"] == "edm":
+        return EDMObjective(**cfg.get("edm", {}))
+    return DDPMObjective(cfg.get("T", 1000), cfg.get("beta_range", (1e-4, 0.02)), device=device)
+
+
+def mem_format(x):
+    """channels_last for 4-D CUDA tensors (conv nets run faster so), else contiguous."""
+    return torch.channels_last if x.is_cuda and x.dim() == 4 else torch.contiguous_format
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint folders written by the method scripts
+
+
+def checkpoint_kind(cfg):
+    """What a checkpoint folder's config.json describes: "unet" (ddae_probe.py pretrain), "dit" (repcond_dit.py
+    pretrain / tune, diffusion_classifier.py train: a RepCondDiT) or None."""
+    if cfg.get("arch") == "unet" and "unet" in cfg:
+        return "unet"
+    if cfg.get("model") in DiT_models and "sample_shape" in cfg:
+        return "dit"
+    return None
+
+
+def build_net(cfg):
+    """The network a checkpoint config describes (random weights): a UNet or a RepCondDiT."""
+    return UNet(**cfg["unet"]) if checkpoint_kind(cfg) == "unet" else build_model(cfg)
+
+
+KIND_SCRIPTS = {"dit": "repcond_dit", "unet": "ddae_probe"}
+
+
+def load_run(ckpt, device, vae_path=None, data_spec=None, split="train", kinds=("dit", "unet")):
+    """A checkpoint folder -> (network with its EMA weights in eval mode, its config, data set, Space).
+
+    The data set is the run's own (`data_spec` overrides it, with the same sample shape); the Space encodes it
+    as the run did (pixels, latents file, or `vae_path` / the run's VAE). kinds: the checkpoint kinds accepted
+    (checkpoint_kind); anything else is refused in one line."""
+    d = find_checkpoint(ckpt)
+    cfg = load_json(os.path.join(d, "config.json"))
+    if checkpoint_kind(cfg) not in kinds:
+        raise UserError(f"{d}: config.json is not a {' or '.join(KIND_SCRIPTS[k] for k in kinds)} checkpoint config")
+    device = torch.device(device)
+    model = load_weights(d, build_net(cfg)).to(device).eval()
+    if device.type == "cuda" and isinstance(model, UNet):
+        model = model.to(memory_format=torch.channels_last)
+    ds = data.load(data_spec or cfg["data"], split, cfg.get("image_size"))
+    space = Space(ds, vae_path or cfg.get("vae_path"), device, resolve_amp(cfg.get("amp", "auto"), device))
+    if tuple(space.sample_shape) != tuple(cfg["sample_shape"]):
+        raise UserError(f"--data {data_spec or cfg['data']}: samples are {tuple(space.sample_shape)}, the network takes "
+                        f"{tuple(cfg['sample_shape'])}: the checkpoint {d} was trained on {tuple(cfg['sample_shape'])} "
+                        f"(--image-size / --vae-path)")
+    return model, cfg, ds, space

@@ -1,0 +1,512 @@
+"""
+Run plumbing shared by the four method scripts: distributed set-up, the one training loop `fit` (EMA, AMP,
+compile, DDP, NaN guard, exact resume), checkpoints, logs, common flags, small metrics, FID and pictures.
+
+Nothing here knows a paper: the method files (repcond_dit.py, ddae_probe.py, diffusion_classifier.py,
+repfusion.py) and models.py / vae.py import it; it imports only data.py.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import data
+from data import UserError
+
+# ----------------------------------------------------------------------------------------------
+# Distributed set-up and precision: plain python or torchrun, one process per GPU
+
+class Dist:
+    def __init__(self, rank=0, world_size=1, local_rank=0, device="cpu"):
+        self.rank, self.world_size, self.local_rank, self.device = rank, world_size, local_rank, torch.device(device)
+        self.is_main = rank == 0
+
+
+def setup_distributed(device_arg="auto"):
+    """Plain python or torchrun: nccl on CUDA, gloo on CPU; one process per GPU."""
+    cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
+    if device_arg not in ("auto", "cuda", "cpu"):
+        raise UserError(f"--device must be auto, cuda or cpu, got {device_arg!r}")
+    if device_arg == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        if not torch_dist.is_initialized():
+            torch_dist.init_process_group("nccl" if cuda else "gloo")
+        device = f"cuda:{local}" if cuda else "cpu"
+    else:
+        rank, world, local, device = 0, 1, 0, "cuda:0" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(local)  # an index: torch.device("cuda") without one is refused
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Dist(rank, world, local, device)
+
+
+def cleanup_distributed():
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def all_reduce_mean(x, dist):
+    if dist.world_size > 1:
+        x = x.clone()
+        torch_dist.all_reduce(x)
+        x /= dist.world_size
+    return x
+
+
+def all_sum(x, dist):
+    if dist.world_size > 1:
+        x = x.clone()
+        torch_dist.all_reduce(x)
+    return x
+
+
+def gather_by_index(values, idx, n, dist):
+    """Reassemble per-rank rows (values[i] belongs to sample idx[i]) into one (n, ...) tensor on every rank."""
+    out = torch.zeros((n, *values.shape[1:]), device=values.device, dtype=values.dtype)
+    out[idx] = values
+    if dist.world_size > 1:
+        torch_dist.all_reduce(out)  # every sample is owned by exactly one rank
+    return out
+
+
+def resolve_amp(amp, device):
+    """--amp auto means bf16 on CUDA and fp32 on the CPU (CPU autocast is slower than fp32 there)."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    return amp
+
+
+def autocast(amp, device):
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def compile_default(args, dist):
+    """--compile unset means torch.compile on CUDA only (on the CPU it costs 30-90 s per model)."""
+    if getattr(args, "compile", None) is None:
+        args.compile = dist.device.type == "cuda"
+
+
+# ----------------------------------------------------------------------------------------------
+# Randomness: every draw of a training step is a pure function of (seed, step), drawn for the global batch
+
+
+def step_generator(seed, step, device):
+    """A generator seeded by (seed, step): the noise of a step is a pure function of it, so resume is exact."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) % (2 ** 63))
+    return g
+
+
+def draw_global(g, kind, n_local, dist, *shape, **kw):
+    """Draw `kind` ("randn", "rand" or "randint" with high=...) for the GLOBAL batch from generator g and
+    return this rank's rows, so N ranks see the same noise as one process with the same global batch."""
+    n = n_local * dist.world_size
+    if kind == "randint":
+        x = torch.randint(0, kw["high"], (n, *shape), generator=g, device=g.device)
+    else:
+        x = getattr(torch, kind)((n, *shape), generator=g, device=g.device)
+    return x[dist.rank * n_local:(dist.rank + 1) * n_local]
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: JSON, weights-only torch files, strict state dicts, atomic checkpoint folders, run logs
+
+
+def save_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found")
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})")
+
+
+def load_torch(path, what="checkpoint"):
+    """torch.load(weights_only=True) with one clear line instead of a traceback: a pickle that would call
+    anything else (os.system through __reduce__, ...) is refused, never run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file (expected a {what})") from None
+    except Exception as e:
+        text = str(e)
+        if "GLOBAL " in text:  # torch names the callable it refused: "unsupported GLOBAL posix.system ..."
+            raise UserError(f"{path}: refusing to unpickle {text.split('GLOBAL ', 1)[1].split()[0]} (a {what} holds only "
+                            f"tensors and plain containers; loading this file would run code)") from None
+        skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        reason = next((s.strip() for s in text.splitlines() if s.strip() and not s.startswith(skip)), text.split("\n")[0])
+        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {reason[:200]})") from None
+
+
+def load_state_dict_strict(model, sd, path):
+    """load_state_dict(strict=True), with one line that lists what does not fit instead of a traceback."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        def few(xs):
+            return ", ".join(xs[:4]) + (f" (+{len(xs) - 4} more)" if len(xs) > 4 else "")
+        raise UserError(f"{path}: checkpoint does not fit the model: missing [{few(missing)}]; "
+                        f"unexpected [{few(unexpected)}]; shape mismatches [{few(mismatched)}]")
+    model.load_state_dict(sd, strict=True)
+
+
+def save_checkpoint(ckpt_dir, model, ema=None, optimizer=None, step=0, config=None, extra=None):
+    """Write model/EMA weights (safetensors), optimizer + step + RNG (torch.save of tensors and plain
+    containers) and config.json into ckpt_dir atomically: a sibling .tmp folder is filled, then swapped in,
+    so a crash leaves either the old checkpoint or the new one, never half of one."""
+    tmp, old = ckpt_dir + ".tmp", ckpt_dir + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+    if ema is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
+    state = {"step": step, "torch_rng": torch.get_rng_state(), "extra": extra or {}}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    save_json(os.path.join(tmp, "config.json"), config or {})
+    if os.path.exists(ckpt_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(ckpt_dir, old)
+    os.replace(tmp, ckpt_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(ckpt_dir):
+    """The checkpoint folder to read: ckpt_dir, or the .old copy a crash mid-swap left behind."""
+    for d in (ckpt_dir, ckpt_dir + ".old"):
+        if os.path.isfile(os.path.join(d, "model.safetensors")) and os.path.isfile(os.path.join(d, "config.json")):
+            return d
+    if os.path.isfile(ckpt_dir):
+        raise UserError(f"{ckpt_dir}: expected a checkpoint folder (model.safetensors and config.json), got a file")
+    raise UserError(f"{ckpt_dir}: no checkpoint here (expected model.safetensors and config.json)")
+
+
+def load_weights(path, model, prefer_ema=True):
+    """Load model (or EMA) weights of a checkpoint folder into `model`, strictly."""
+    d = find_checkpoint(path)
+    f = os.path.join(d, "ema.safetensors" if prefer_ema and os.path.exists(os.path.join(d, "ema.safetensors")) else "model.safetensors")
+    try:
+        sd = load_file(f)
+    except Exception as e:
+        raise UserError(f"{f}: unreadable safetensors file ({e})")
+    load_state_dict_strict(model, sd, f)
+    return model
+
+
+class RunLog:
+    """config.json, log.jsonl and metrics.json under out_dir, written by rank 0 only."""
+    def __init__(self, out_dir, dist, config=None):
+        self.out_dir, self.dist = out_dir, dist
+        if dist.is_main:
+            os.makedirs(out_dir, exist_ok=True)
+            if config is not None:
+                save_json(os.path.join(out_dir, "config.json"), config)
+
+    def log(self, record, echo=True):
+        if not self.dist.is_main:
+            return
+        with open(os.path.join(self.out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if echo:
+            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+
+    def metrics(self, m):
+        if self.dist.is_main:
+            save_json(os.path.join(self.out_dir, "metrics.json"), m)
+
+    def keep_until(self, step):
+        """Drop log records after `step` (all of them for a fresh run, step 0): a run resumed from its last
+        checkpoint re-logs the steps a crash cut short, and a new run in an old folder starts a new log."""
+        path = os.path.join(self.out_dir, "log.jsonl")
+        if not self.dist.is_main or not os.path.exists(path):
+            return
+        def before(line):  # a line a crash cut short (no newline, not JSON) is dropped too
+            try:
+                return line.endswith("\n") and json.loads(line).get("step", 0) <= step
+            except ValueError:
+                return False
+        with open(path) as f:
+            kept = [line for line in f if before(line)]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop and the flags every script shares
+
+
+def transformer_flops_per_image(model, tokens):
+    """Training FLOPs per image of a transformer (nanoGPT's estimate): 6 * params * tokens for the
+    matmuls plus 12 * layers * width * tokens^2 for attention scores (forward + backward)."""
+    n = sum(p.numel() for p in model.blocks.parameters())
+    return 6 * n * tokens + 12 * len(model.blocks) * model.blocks[0].attn.qkv.in_features * tokens ** 2
+
+
+def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0, params=None):
+    """The training loop every script uses: AdamW, warm-up, grad clipping, EMA, AMP, compile, DDP,
+    atomic checkpoints every --ckpt-every steps, exact --resume, NaN stop, log.jsonl.
+
+    loss_fn(net, x, y, step) -> scalar loss, where net is the (DDP/compiled) model. Returns (model, ema).
+    """
+    device = dist.device
+    model.to(device).train()
+    if dist.world_size > 1:
+        # the scripts build their models from --seed alone, so every rank starts alike; the broadcast makes sure (DDP
+        # would sync the model only, after the EMA copy below). Then each rank gets its own stream (seed x world +
+        # rank); all of a step's randomness is drawn for the global batch from (seed, step), so N ranks == one process.
+        for t in model.state_dict().values():
+            torch_dist.broadcast(t, 0)
+        torch.manual_seed(args.seed * dist.world_size + dist.rank)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), fused=fused)
+    ckpt_dir = os.path.join(out_dir, "ckpt")
+    start = 0
+    if args.resume:
+        d = find_checkpoint(ckpt_dir)
+        load_weights(d, model, prefer_ema=False)
+        load_weights(d, ema, prefer_ema=True)
+        state = load_torch(os.path.join(d, "state.pt"), "training state (optimizer, step, RNG)")
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["step"]
+        if dist.is_main:
+            print(f"resumed from {d} at step {start}")
+    net = model
+    if args.compile:
+        net = torch.compile(net)
+    if dist.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    amp = resolve_amp(args.amp, device)
+    scaler = torch.amp.GradScaler(enabled=amp == "fp16")
+    log = RunLog(out_dir, dist, config)
+    log.keep_until(start)
+    ema_params, model_params = list(ema.parameters()), list(model.parameters())
+    ema_buffers, model_buffers = list(ema.buffers()), list(model.buffers())  # e.g. BatchNorm statistics
+    loss_sum, n_sum, t0 = torch.zeros((), device=device), 0, time.time()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(start, args.steps):
+        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = loader.batch(step)
+        with autocast(amp, device):
+            loss = loss_fn(net, x, y, step)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        if args.grad_clip > 0:
+            nn.utils.clip_grad_norm_(params, args.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        # EMA with a warm-up (Karras-style): early on it follows the model more closely
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(ema_params, model_params, 1 - decay)
+        if ema_buffers:
+            torch._foreach_copy_(ema_buffers, model_buffers)
+        loss_sum += loss.detach()
+        n_sum += 1
+        last = step + 1 == args.steps
+        if (step + 1) % args.log_every == 0 or last:
+            # a finite loss can still have a NaN/inf gradient (e.g. through torch.where's unselected branch), which
+            # the update spreads to the weights: check them too before they are checkpointed (identical on every rank)
+            finite = torch.stack([p.isfinite().all() for p in model_params]).all().float()
+            mean_loss, weights_ok = torch.stack([all_reduce_mean(loss_sum / n_sum, dist), finite]).tolist()  # the only host sync, on log steps
+            if not math.isfinite(mean_loss):
+                where = f"step {step + 1}" if n_sum == 1 else f"steps {step + 2 - n_sum}-{step + 1} (the log window's mean)"
+                raise UserError(f"loss is {mean_loss} at {where}; stopped, last good checkpoint kept in {ckpt_dir}")
+            if not weights_ok:
+                raise UserError(f"weights are not finite after step {step + 1} (the loss was finite: a NaN/inf gradient); "
+                                f"stopped, last good checkpoint kept in {ckpt_dir}")
+            dt = time.time() - t0
+            img_s = n_sum * args.batch_size / dt
+            rec = {"step": step + 1, "loss": mean_loss, "lr": lr, "img_s": img_s}
+            if flops_per_image and device.type == "cuda":
+                rec["mfu"] = flops_per_image * img_s / (args.peak_tflops * 1e12 * dist.world_size)
+            if device.type == "cuda":
+                rec["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            log.log(rec)
+            loss_sum, n_sum, t0 = torch.zeros((), device=device), 0, time.time()
+            if dist.is_main and ((step + 1) % args.ckpt_every == 0 or last):
+                save_checkpoint(ckpt_dir, model, ema, opt, step + 1, config)
+    if dist.world_size > 1:
+        torch_dist.barrier()
+    return model, ema
+
+
+def add_train_args(p, steps, batch_size, lr):
+    """The training flags every script shares (same names everywhere)."""
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=batch_size, help="global batch, across ranks")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup", type=int, default=0, help="linear lr warm-up steps")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint interval (rounded to log steps)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator bf16 peak for MFU (H100 SXM dense: 989)")
+
+
+def add_common_args(p):
+    p.add_argument("--data", default="shapes", help="shapes | cifar10 | cifar100 | tinyimagenet | a folder | a latents .safetensors")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--out-dir", default="runs/repcond")
+    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on for CUDA)")
+    p.add_argument("--vae-path", default=None, help="SD VAE file: encode images to latents on the fly (else pixel space)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics: accuracy / F1, a linear probe, FID
+
+
+def accuracy_f1(pred, target, num_classes):
+    """Accuracy, macro-F1 and the confusion matrix (rows: true class, columns: predicted)."""
+    pred, target = pred.cpu().long(), target.cpu().long()
+    cm = torch.bincount(target * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    tp = cm.diag().float()
+    f1 = 2 * tp / (cm.sum(0) + cm.sum(1)).float().clamp(min=1)
+    present = (cm.sum(1) + cm.sum(0)) > 0
+    return (tp.sum() / cm.sum().clamp(min=1)).item(), f1[present].mean().item(), cm
+
+
+def linear_probe(train_x, train_y, test_x, test_y, num_classes, steps=500, lr=1e-2, weight_decay=1e-4):
+    """Logistic regression on standardised features, full-batch Adam; returns test accuracy."""
+    mu, sd = train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True) + 1e-6
+    train_x, test_x = (train_x - mu) / sd, (test_x - mu) / sd
+    head = nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = F.cross_entropy(head(train_x), train_y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return (head(test_x).argmax(1) == test_y).float().mean().item()
+
+
+def compute_fid(real, fake, work_dir, device, feature_extractor=None):
+    """FID between two uint8 (N, 3, H, W) image sets through clean-fid (PNG folders, its "clean" resize).
+
+    feature_extractor=None uses clean-fid's Inception (weights are downloaded once by clean-fid);
+    tests pass a small module mapping (N, 3, 299, 299) floats in [0, 255] to (N, D) features.
+    """
+    from PIL import Image
+    from cleanfid import fid as cleanfid
+    dirs = []
+    for name, imgs in (("real", real), ("fake", fake)):
+        d = os.path.join(work_dir, f"fid_{name}")
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        for i, im in enumerate(imgs.cpu()):
+            Image.fromarray(im.permute(1, 2, 0).numpy()).save(os.path.join(d, f"{i:06d}.png"))
+        dirs.append(d)
+    score = cleanfid.compute_fid(dirs[0], dirs[1], mode="clean", device=torch.device(device), num_workers=0,
+                                 custom_feat_extractor=feature_extractor, verbose=False, use_dataparallel=False)
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    return float(score)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures, drawn with pillow: image grids, heat maps, curves
+
+
+def _font():
+    from PIL import ImageFont
+    return ImageFont.load_default()
+
+
+def save_image_grid(images, path, nrow=8):
+    """images: uint8 (N, C, H, W) or float in [-1, 1] -> one PNG grid."""
+    data.save_grid(images if images.dtype == torch.uint8 else data.to_uint8(images), path, nrow=min(nrow, len(images)))
+
+
+def save_heatmap(matrix, path, row_labels, col_labels, title="", fmt="{:.2f}"):
+    """A labelled heat map (confusion matrices, probe grids) drawn with pillow."""
+    from PIL import Image, ImageDraw
+    m = np.asarray(matrix, dtype=np.float64)
+    R, C = m.shape
+    cell, left, top = 44, 8 + 7 * max(len(str(s)) for s in row_labels), 40 + 7 * max(len(str(s)) for s in col_labels) // 2
+    img = Image.new("RGB", (left + C * cell + 10, top + R * cell + 10), "white")
+    d, font = ImageDraw.Draw(img), _font()
+    d.text((left, 4), title, fill="black", font=font)
+    lo, hi = np.nanmin(m), np.nanmax(m)
+    for i in range(R):
+        d.text((4, top + i * cell + cell // 2 - 5), str(row_labels[i]), fill="black", font=font)
+        for j in range(C):
+            v = 0.0 if hi == lo else (m[i, j] - lo) / (hi - lo)
+            colour = (int(255 * (1 - v)), int(255 * (1 - 0.6 * v)), 255)
+            d.rectangle([left + j * cell, top + i * cell, left + (j + 1) * cell - 1, top + (i + 1) * cell - 1], fill=colour)
+            d.text((left + j * cell + 3, top + i * cell + cell // 2 - 5), fmt.format(m[i, j]), fill="black", font=font)
+    for j in range(C):
+        d.text((left + j * cell + 3, 22), str(col_labels[j])[:7], fill="black", font=font)
+    img.save(path)
+
+
+def save_curve(xs, series, path, xlabel="", ylabel="", title=""):
+    """Line plot of one or more series {name: ys} over xs, drawn with pillow."""
+    from PIL import Image, ImageDraw
+    W, H, pad = 520, 360, 50
+    img = Image.new("RGB", (W, H), "white")
+    d, font = ImageDraw.Draw(img), _font()
+    ys_all = [y for ys in series.values() for y in ys if y is not None and math.isfinite(y)]
+    lo, hi = (min(ys_all), max(ys_all)) if ys_all else (0, 1)
+    hi = hi if hi > lo else lo + 1
+    x_lo, x_hi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+
+    def pt(x, y):
+        return pad + (x - x_lo) / (x_hi - x_lo) * (W - 2 * pad), H - pad - (y - lo) / (hi - lo) * (H - 2 * pad)
+    d.rectangle([pad, pad, W - pad, H - pad], outline="black")
+    d.text((pad, 10), title, fill="black", font=font)
+    d.text((W // 2 - 20, H - 20), xlabel, fill="black", font=font)
+    d.text((4, pad - 20), ylabel, fill="black", font=font)
+    d.text((4, pad), f"{hi:.3g}", fill="black", font=font)
+    d.text((4, H - pad - 10), f"{lo:.3g}", fill="black", font=font)
+    for x in xs:
+        d.text((pt(x, lo)[0] - 8, H - pad + 4), f"{x:g}", fill="black", font=font)
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+    for k, (name, ys) in enumerate(series.items()):
+        c = colours[k % len(colours)]
+        pts = [pt(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+        if len(pts) > 1:
+            d.line(pts, fill=c, width=2)
+        for p in pts:
+            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=c)
+        d.text((W - pad - 110, pad + 6 + 14 * k), name, fill=c, font=font)
+    img.save(path)
