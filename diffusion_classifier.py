@@ -179,6 +179,34 @@ def elbo_weights(diffusion, target="eps"):
     return (w / w.mean()).float()
 
 
+@torch.no_grad()
+def algorithm1(den, diffusion, z0, grid, noise, n_samples, to_keep, candidates, loss="l2"):
+    """Diffusion Classifier for one image as plain loops: the paper's Algorithm 1 with the adaptive schedule of the
+    official eval_prob_adaptive.py. Stage s draws its n_samples[s] timesteps from the grid (those not seen yet),
+    computes every surviving class's error at each of them with the same eps (paired), then keeps the to_keep[s]
+    classes of lowest mean error; the last one left is the prediction.
+
+    z0: (C, H, W) clean sample; grid: M slot timesteps (timestep_grid); noise: (M, C, H, W), eps of each slot;
+    candidates: class indices. -> (predicted class, {class: (M,) errors, NaN where not evaluated}).
+    This is the reference the fast path (ErrorFn + run_policy + paper_policy: every image, class and timestep
+    in one batched forward) is tested against, and bench's baseline; it costs one forward per (class, stage)."""
+    M = len(grid)
+    alive, seen = list(candidates), []
+    errors = {c: torch.full((M,), float("nan")) for c in alive}
+    for n, keep in zip(n_samples, to_keep):
+        slots = [j for j in list(range(M))[M // n // 2::M // n][:n] if j not in seen]
+        seen += slots
+        t = torch.tensor([grid[j] for j in slots], device=z0.device)  # (S,)
+        eps = noise[slots]  # (S, C, H, W)
+        abar = diffusion.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = abar.sqrt() * z0 + (1 - abar).sqrt() * eps  # x_t ~ q(x_t | x_0), the same eps for every class
+        for c in alive:
+            eps_hat = den(x_t, t, torch.full_like(t, c))  # (S, C, H, W)
+            errors[c][slots] = sample_error(eps_hat, eps, loss).cpu()  # ||eps - eps_theta(x_t, t, c)||^2 per t
+        alive = sorted(alive, key=lambda c: errors[c][seen].mean().item())[:keep]
+    return alive[0], errors
+
+
 class ErrorFn:
     """Errors for a flat list of requests (image b, class c, slot j) of the bound batch of images.
 
@@ -304,45 +332,6 @@ def paper_policy(n_slots, n_samples, to_keep, alpha=0.0, every=1, min_n=3):
 def full_policy(n_slots):
     """Every slot for every class: the exhaustive Monte-Carlo ELBO estimate."""
     return Policy(list(range(n_slots)), [(n_slots, 1)])
-
-
-def _betacf(a, b, x):
-    """Continued fraction of the regularised incomplete beta function (Numerical Recipes' betacf)."""
-    qab, qap, qam, c, d = a + b, a + 1, a - 1, 1.0, 1 - (a + b) * x / (a + 1)
-    d = 1 / (d if abs(d) > 1e-300 else 1e-300)
-    h = d
-    for m in range(1, 300):
-        m2 = 2 * m
-        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
-            d = 1 + aa * d
-            d = 1 / (d if abs(d) > 1e-300 else 1e-300)
-            c = 1 + aa / c if abs(1 + aa / c) > 1e-300 else 1e-300
-            h *= d * c
-            last = d * c
-        if abs(last - 1) < 1e-14:
-            break
-    return h
-
-
-def t_sf(t, df):
-    """P(T > t) of Student's t with df degrees of freedom, t >= 0 (via the incomplete beta function)."""
-    x = df / (df + t * t)
-    a, b = df / 2, 0.5
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) if 0 < x < 1 else 0.0
-    ib = front * _betacf(a, b, x) / a if x < (a + 1) / (a + b + 2) else 1 - front * _betacf(b, a, 1 - x) / b
-    return 0.5 * (ib if x < 1 else 1.0)
-
-
-@lru_cache(maxsize=4096)
-def t_quantile(p_upper, df):
-    """The t with P(T > t) = p_upper (bisection on t_sf; cached, since few (level, df) pairs occur)."""
-    lo, hi = 0.0, 1.0
-    while t_sf(hi, df) > p_upper and hi < 1e12:
-        hi *= 2
-    while hi - lo > 1e-9 * hi:
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if t_sf(mid, df) > p_upper else (lo, mid)
-    return hi
 
 
 def sequential_drop(e, mean, alive, n_cls0, alpha, n_looks):
@@ -997,12 +986,9 @@ def bench(args):
         sync()
         return n_img / (time.time() - t0)
 
-    def naive(n):
-        slot_t = torch.tensor(grid, device=dev)
+    def naive(n):  # the paper's loop: one forward per (image, class), its M timesteps batched
         for i in range(n):
-            for c in range(args.bench_classes):
-                x_t = diffusion.q_sample(z0[i].expand(M, -1, -1, -1), slot_t, noise[i])
-                den(x_t, slot_t, torch.full((M,), c, device=dev))
+            algorithm1(den, diffusion, z0[i], grid, noise[i], [M], [1], range(args.bench_classes))
     modes = {"naive_fp32_eager": (naive, None)}
     amp = "bf16" if dev.type == "cuda" else "none"
     modes["batched_fp32_eager"] = (None, ErrorFn(den, diffusion, grid, max_batch=args.max_batch))
@@ -1175,6 +1161,49 @@ def main(args):
         return stages[args.cmd](args)
     finally:
         cleanup_distributed()
+
+
+# ----------------------------------------------------------------------------------------------
+# Numerics: Student's t tail and quantile for the sequential test (no scipy needed)
+
+
+def _betacf(a, b, x):
+    """Continued fraction of the regularised incomplete beta function (Numerical Recipes' betacf)."""
+    qab, qap, qam, c, d = a + b, a + 1, a - 1, 1.0, 1 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > 1e-300 else 1e-300)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1 + aa * d
+            d = 1 / (d if abs(d) > 1e-300 else 1e-300)
+            c = 1 + aa / c if abs(1 + aa / c) > 1e-300 else 1e-300
+            h *= d * c
+            last = d * c
+        if abs(last - 1) < 1e-14:
+            break
+    return h
+
+
+def t_sf(t, df):
+    """P(T > t) of Student's t with df degrees of freedom, t >= 0 (via the incomplete beta function)."""
+    x = df / (df + t * t)
+    a, b = df / 2, 0.5
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) if 0 < x < 1 else 0.0
+    ib = front * _betacf(a, b, x) / a if x < (a + 1) / (a + b + 2) else 1 - front * _betacf(b, a, 1 - x) / b
+    return 0.5 * (ib if x < 1 else 1.0)
+
+
+@lru_cache(maxsize=4096)
+def t_quantile(p_upper, df):
+    """The t with P(T > t) = p_upper (bisection on t_sf; cached, since few (level, df) pairs occur)."""
+    lo, hi = 0.0, 1.0
+    while t_sf(hi, df) > p_upper and hi < 1e12:
+        hi *= 2
+    while hi - lo > 1e-9 * hi:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if t_sf(mid, df) > p_upper else (lo, mid)
+    return hi
 
 
 if __name__ == "__main__":

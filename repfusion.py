@@ -229,6 +229,42 @@ def entropy_coef(step, coef, decay_steps):
     return coef * max(0.0, 1.0 - step / max(1, decay_steps))
 
 
+def pick_timesteps(policy, x, kind, u_pick, u_bin, n_bins, t_max, t_fixed):
+    """Which t each image is distilled at (paper Sec. 4.2: a policy pi(t | x) picks it; `random` and `fixed` are
+    its ablations). x: (N, C, H, W); u_pick, u_bin: (N,) uniforms in [0, 1) (drawn for the global batch, so the
+    choice is reproducible). The categorical is over n_bins equal bins of [0, t_max); t is uniform inside its bin.
+    -> (t_bin (N,) long in [0, n_bins), t (N,) long in [0, t_max))"""
+    if kind == "rl":
+        # the action only, without gradient: the teacher needs t before the student's forward. The policy runs a
+        # second time inside RepFusion.forward, under DDP, for the log-probabilities that REINFORCE differentiates
+        with torch.no_grad():
+            t_bin = sample_categorical(F.softmax(policy(x).float(), dim=1), u_pick)
+    elif kind == "random":
+        t_bin = (u_pick * n_bins).long().clamp(max=n_bins - 1)
+    else:
+        t_bin = torch.full((len(x),), t_fixed * n_bins // t_max, dtype=torch.long, device=x.device)
+    t = torch.full_like(t_bin, t_fixed) if kind == "fixed" else ((t_bin + u_bin) * (t_max / n_bins)).long().clamp(max=t_max - 1)
+    return t_bin, t
+
+
+def distill_objective(out, t_bin, w, advantage, feat_weight, beta):
+    """RepFusion's loss for one batch (paper Sec. 4.1-4.2), from RepFusion.forward's `out`:
+
+        L = feat_weight * L_feat(P(f_S(x)), f_T(x_t, t))            distillation at the chosen t
+            + sum_i w_i CE(head(f_T(x_i, t_i)), y_i)                  the task head that defines the reward
+            - sum_i w_i A_i log pi(t_i | x_i) - beta * H(pi(. | x))   REINFORCE, A = reward - baseline
+
+    w: (N,) weights of the labeled samples (None without a policy), advantage: (N,) (no gradient), beta: the
+    entropy bonus of this step. -> scalar"""
+    loss = feat_weight * out["feat"]
+    if "head_ce" in out:
+        loss = loss + (out["head_ce"] * w).sum()
+        if "logits" in out:
+            pg, _ = reinforce_loss(out["logits"], t_bin, advantage, beta, weight=w)
+            loss = loss + pg
+    return loss
+
+
 HIST_ROWS = 10  # the t histogram is kept per tenth of the run (rows of t_hist.png)
 
 
@@ -541,18 +577,11 @@ def distill(args, teacher=None):
         u_pick = draw_global(g, "rand", n, dist)  # the policy's categorical draw
         u_bin = draw_global(g, "rand", n, dist)  # where in its bin t falls
         eps = draw_global(g, "randn", n, dist, *teacher.noise_shape(x))
-        if args.t_policy == "rl":
-            with torch.no_grad():
-                t_bin = sample_categorical(F.softmax(model.policy(x).float(), dim=1), u_pick)
-        elif args.t_policy == "random":
-            t_bin = (u_pick * n_bins).long().clamp(max=n_bins - 1)
-        else:
-            t_bin = torch.full((n,), args.t * n_bins // t_max, dtype=torch.long, device=x.device)
-        t = torch.full_like(t_bin, args.t) if args.t_policy == "fixed" else \
-            ((t_bin + u_bin) * (t_max / n_bins)).long().clamp(max=t_max - 1)
-        f_t, m_t = teacher(x, t, eps)
+        t_bin, t = pick_timesteps(model.policy, x, args.t_policy, u_pick, u_bin, n_bins, t_max, args.t)  # (N,), (N,)
+        f_t, m_t = teacher(x, t, eps)  # (N, D_T) pooled, (N, C_T, h, w) map
         out = net(x, y, f_t, m_t)
-        loss = weight * out["feat"]
+        # The rest is bookkeeping around the objective: the t histogram, and the global batch's labeled count and
+        # reward sum, gathered with one collective a step, so N ranks weight samples exactly as one process would.
         if step % args.log_every == 0:  # the diagnostics cover the last log window
             window.zero_()
         window[0] += out["feat"].detach()
@@ -562,20 +591,19 @@ def distill(args, teacher=None):
             lab = (y >= 0).float()
             reward = -out["head_ce"].detach()
             stats.append(torch.stack([(reward * lab).sum(), lab.sum()]).double())
-        with torch.no_grad():  # one collective a step: t counts, reward sum, labeled count over the global batch
+        with torch.no_grad():
             s = all_sum(torch.cat(stats), dist)
             model.t_hist[min(step // hist_every, HIST_ROWS - 1)] += s[:n_bins]
+        w = advantage = None
         if "head_ce" in out:
             r_sum, n_lab = s[n_bins].float(), s[n_bins + 1].float().clamp(min=1)
             w = lab * dist.world_size / n_lab  # after DDP's mean over ranks: the mean over the global labeled batch
-            loss = loss + (out["head_ce"] * w).sum()
             correct = ((out["head_pred"] == y) * lab).sum()
             window[1:] += torch.stack([(out["head_ce"].detach() * lab).sum(), correct, lab.sum()]).double()
-            if "logits" in out:
-                b, nb = model.baseline
-                adv = reward - torch.where(nb > 0, b, r_sum / n_lab)  # first step: the batch mean
-                pg, _ = reinforce_loss(out["logits"], t_bin, adv, entropy_coef(step, args.entropy_coef, decay), weight=w)
-                loss = loss + pg
+            b, nb = model.baseline
+            advantage = reward - torch.where(nb > 0, b, r_sum / n_lab)  # first step: the batch mean
+        loss = distill_objective(out, t_bin, w, advantage, weight, entropy_coef(step, args.entropy_coef, decay))
+        if "head_ce" in out:
             with torch.no_grad():  # moving-average baseline, identical on every rank (DDP broadcasts buffers)
                 b, nb, m = model.baseline[0], model.baseline[1], args.baseline_momentum
                 new = torch.stack([torch.where(nb > 0, m * b + (1 - m) * r_sum / n_lab, r_sum / n_lab), nb + 1])

@@ -97,6 +97,25 @@ def test_stages_that_prune_nothing_equal_the_exhaustive_schedule_and_reuse_error
     assert (pruned["pred"] == full["E"][:, :, :].where(seen, torch.tensor(float("inf"))).mean(2).argmin(1)).all()
 
 
+def test_the_batched_path_computes_algorithm_1_as_written():
+    """The fast path (every image, class and timestep in flat batched forwards) against the paper's loop, one
+    image and one class at a time with the same paired noise: same errors, same survivors, same predictions."""
+    K, M, ds = 4, 8, images_ds(n=5, K=4)
+    den = dc.Denoiser(random_dit(K), K, (3, 8, 8))
+    n_samples, to_keep = [2, 8], [2, 1]
+    fast, _ = run_images(den, ds, dc.paper_policy(M, n_samples, to_keep), M)
+    diffusion, grid = models.Diffusion(1000), dc.timestep_grid(1000, M)
+    z0 = dc.load_z0(ds, range(len(ds)), vae.Space(ds, None, torch.device("cpu")), torch.device("cpu"))
+    for i in range(len(ds)):
+        noise = dc.slot_noise((3, 8, 8), M, 0, 0, i, "cpu")  # what classify_images drew for image i
+        pred, errors = dc.algorithm1(den, diffusion, z0[i], grid, noise, n_samples, to_keep, range(K))
+        assert pred == int(fast["pred"][i])
+        loop = torch.stack([errors[c] for c in range(K)])  # (K, M), NaN where the loop did not evaluate
+        assert torch.equal(loop.isnan(), fast["E"][i].isnan())  # the same (class, slot) pairs were evaluated
+        seen = ~loop.isnan()
+        assert torch.allclose(loop[seen], fast["E"][i][seen], rtol=1e-4, atol=1e-6)
+
+
 def test_official_release_stage_subsets_and_costs():
     pol = dc.paper_policy(500, [50, 500], [5, 1])
     grid = dc.timestep_grid(1000, 500)
