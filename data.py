@@ -100,11 +100,53 @@ def center_crop(img, size):
     return img.crop((left, top, left + size, top + size))
 
 
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white, the page most viewers draw them on
+_HIGH_BIT = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}  # full scale of each mode
+
+
+def to_rgb(img):
+    """A PIL image -> the 8-bit RGB picture a viewer shows (PIL.Image, mode "RGB").
+
+    - EXIF orientation is applied (phones store rotated pixels plus a tag);
+    - 16-bit and 32-bit integer greyscale (PNG/TIFF modes I;16*, I) is scaled from 0..65535 to 0..255, not clipped;
+      float greyscale (F) from 0..1 when its maximum is at most 1, else it is taken as 0..255;
+    - an embedded ICC profile other than sRGB (Adobe RGB, Display P3, CMYK press profiles) is converted to sRGB;
+      LAB pixels are converted through the CIE LAB profile;
+    - transparency (an alpha channel, a palette's or a colour key's tRNS) is composited onto BACKGROUND, white, so
+      every fully transparent pixel is the same whatever colour the file hides there;
+    - every other mode (1, L, P, CMYK, YCbCr, HSV, ...) goes through Pillow's own conversion."""
+    from PIL import ImageCms, ImageOps
+    img = ImageOps.exif_transpose(img)
+    if img.mode in _HIGH_BIT or img.mode == "F":
+        a = np.asarray(img).astype(np.float64)
+        full = _HIGH_BIT.get(img.mode) or (1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0)
+        img = Image.fromarray(np.clip(np.rint(np.nan_to_num(a) * (255.0 / full)), 0, 255).astype(np.uint8), "L")
+    if img.mode == "LAB":
+        lab = ImageCms.createProfile("LAB")
+        img = ImageCms.applyTransform(img, ImageCms.buildTransform(lab, ImageCms.createProfile("sRGB"), "LAB", "RGB"))
+    if img.mode in ("P", "1", "L", "RGB") and "transparency" in img.info or img.mode in ("LA", "La", "PA", "RGBa", "P"):
+        img = img.convert("RGBA")
+    icc = img.info.get("icc_profile")
+    if icc and img.mode in ("RGB", "RGBA", "CMYK"):
+        try:
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            if not ImageCms.getProfileDescription(src).strip().startswith("sRGB"):  # sRGB is already what we want
+                img = ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGBA" if img.mode == "RGBA" else "RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass  # a profile LittleCMS cannot read is ignored, as viewers do
+    if img.mode == "RGBA":
+        out = Image.new("RGB", img.size, BACKGROUND)
+        out.paste(img, mask=img.getchannel("A"))
+        return out
+    return img.convert("RGB")
+
+
 def _decode(path, image_size=None):
-    """One image file -> uint8 (H, W, 3)."""
+    """One image file -> uint8 (H, W, 3), as a viewer shows it (to_rgb), ADM-center-cropped to image_size."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")  # also forces the full decode, so truncated files fail here
+            img.load()  # the full decode: truncated files fail here
+            img = to_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"{path}: cannot read image ({type(e).__name__}: {_one_line(e)})") from None
     if image_size and img.size != (image_size, image_size):
@@ -280,24 +322,37 @@ def _load_tarball(path, split):
 # Tiny-ImageNet and image folders: lists of files, decoded all at once (load) or lazily (stream)
 
 
+ARCHIVE_LEFTOVERS = {"__MACOSX", "$RECYCLE.BIN", "System Volume Information", "@eaDir", "lost+found"}
+
+
+def is_hidden(name):
+    """Not data: hidden files and folders (.DS_Store, .ipynb_checkpoints/, AppleDouble ._x.png sidecars, ...) and the
+    folders operating systems and NAS boxes leave in archives and on drives (__MACOSX/, @eaDir/, ...)."""
+    return name.startswith(".") or name.startswith("~$") or name in ARCHIVE_LEFTOVERS
+
+
 def _images_in(folder):
     files = []
     for root, dirs, names in os.walk(folder):
-        dirs.sort()
-        files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTS)]
+        dirs[:] = sorted(d for d in dirs if not is_hidden(d))  # pruned in place: os.walk does not enter them
+        files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTS) and not is_hidden(n)]
     return files
 
 
-def _class_files(folders):
-    """One folder of images (searched recursively) per class -> files, labels."""
+def _class_files(folders, labels_of=None):
+    """One folder of images (searched recursively) per class -> files, labels (labels_of[i], default i)."""
     files, labels = [], []
     for i, folder in enumerate(folders):
         found = _images_in(folder)
         if not found:
             raise UserError(f"{folder}: class folder has no PNG/JPEG images")
         files += found
-        labels += [i] * len(found)
+        labels += [i if labels_of is None else labels_of[i]] * len(found)
     return files, labels
+
+
+def _class_dirs(root):
+    return sorted(e for e in os.listdir(root) if not is_hidden(e) and os.path.isdir(os.path.join(root, e)))
 
 
 def _tinyimagenet_files(root, split):
@@ -307,10 +362,8 @@ def _tinyimagenet_files(root, split):
     if os.path.exists(os.path.join(root, "wnids.txt")):
         wnids = sorted(r[0].strip() for r in rows("wnids.txt"))
     else:
-        wnids = sorted(d for d in os.listdir(os.path.join(root, "train")) if not d.startswith("."))
-    words = {r[0]: r[1].split(",")[0].strip() for r in rows("words.txt") if len(r) > 1} \
-        if os.path.exists(os.path.join(root, "words.txt")) else {}
-    classes = [words.get(w, w) for w in wnids]  # "n01443537" -> "goldfish"
+        wnids = _class_dirs(os.path.join(root, "train"))
+    classes = wnids  # the wnids themselves ("n01443537"): they name the class for ImageNet models (imagenet_index)
     if split == "train":
         return (*_class_files([os.path.join(root, "train", w) for w in wnids]), classes)
     ann = os.path.join(root, "val", "val_annotations.txt")
@@ -327,14 +380,16 @@ def _tinyimagenet_files(root, split):
 
 def _folder_files(root, split):
     """Class sub-folders (labels: sorted folder names) or a flat folder of images (unlabeled).
-    A folder with train/ and test/ (or val/) sub-folders is split-aware; else it is one split."""
+    A folder with train/ and test/ (or val/) sub-folders is split-aware; else it is one split. The test split's
+    labels index the TRAINING split's class list, by name: test/ may hold fewer classes, never another one."""
+    top = root
     named = [n for n in (["train"] if split == "train" else ["test", "val"]) if os.path.isdir(os.path.join(root, n))]
     if named and os.path.isdir(os.path.join(root, "train")):
         root = os.path.join(root, named[0])
     elif split != "train":
         print(f"warning: {root} has no test/ or val/ sub-folder; its images serve as the {split} split too",
               file=sys.stderr)
-    entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
+    entries = sorted(e for e in os.listdir(root) if not is_hidden(e))
     flat = [os.path.join(root, e) for e in entries if e.lower().endswith(IMAGE_EXTS)]
     classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
     if flat and classes:
@@ -343,7 +398,15 @@ def _folder_files(root, split):
         return flat, None, []
     if not classes:
         raise UserError(f"{root}: no images (expected class sub-folders of PNG/JPEG files, or a flat folder of them)")
-    return (*_class_files([os.path.join(root, c) for c in classes]), classes)
+    train_classes = classes
+    if root != top and split != "train":
+        train_classes = _class_dirs(os.path.join(top, "train"))
+        unknown = [c for c in classes if c not in train_classes]
+        if unknown:
+            raise UserError(f"{root}: class folders {unknown} are not classes of {os.path.join(top, 'train')} "
+                            f"(its classes: {train_classes[:10]}{' ...' if len(train_classes) > 10 else ''})")
+    index = {c: i for i, c in enumerate(train_classes)}
+    return (*_class_files([os.path.join(root, c) for c in classes], [index[c] for c in classes]), train_classes)
 
 
 def _list_files(path, split):
@@ -527,6 +590,44 @@ def load(spec, split="train", image_size=None):
     if image_size:
         ds.images = _resize_all(ds.images, image_size)
     return ds
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_classes():
+    """The 1000 ImageNet-1k classes in the index order every ImageNet model uses (sorted wnids):
+    [(wnid, name)], read from imagenet1k_classes.tsv beside this file."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet1k_classes.tsv")) as f:
+        return [tuple(line.rstrip("\n").split("\t")) for line in f if line.strip()]
+
+
+def _norm(name):
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+def relabel(ds, classes, what):
+    """ds with its labels re-indexed into `classes` (a model's or the training split's class list) by class identity:
+    the same name, or for a 1000-class ImageNet list (wnids, as `imagenet_classes`) the wnid or its unique ImageNet
+    name ("goldfish", "tabby"). A class the list lacks, or data without class names, is refused in one line."""
+    if ds.labels is None or list(ds.classes) == list(classes):
+        return ds
+    if not ds.classes:
+        raise UserError(f"{what}: its labels carry no class names, so they cannot be matched to the {len(classes)} classes "
+                        f"{list(classes)[:5]}{' ...' if len(classes) > 5 else ''}")
+    index = {c: i for i, c in enumerate(classes)}
+    if len(classes) == 1000 and list(classes) == [w for w, _ in imagenet_classes()]:
+        names = {}
+        for i, (_, name) in enumerate(imagenet_classes()):
+            names.setdefault(_norm(name), []).append(i)
+        index.update({n: ix[0] for n, ix in names.items() if len(ix) == 1})  # ambiguous names ("crane") need the wnid
+        lookup = [index.get(c, index.get(_norm(c))) for c in ds.classes]
+    else:
+        lookup = [index.get(c) for c in ds.classes]
+    missing = [c for c, i in zip(ds.classes, lookup) if i is None]
+    if missing:
+        raise UserError(f"{what}: classes {missing[:5]}{' ...' if len(missing) > 5 else ''} are not among the "
+                        f"{len(classes)} classes they are compared with ({list(classes)[:5]}{' ...' if len(classes) > 5 else ''})")
+    table = torch.tensor(lookup, dtype=torch.long)
+    return Dataset(ds.images, table[ds.labels.long().cpu()].to(ds.labels.device), list(classes), ds.latents, ds.scaling_factor)
 
 
 def labeled_subset(ds, labels_per_class=None, fraction=None, seed=0):

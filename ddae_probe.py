@@ -413,6 +413,8 @@ def load_backbone(args, dist):
     if train.latents is not None and not args.test_data:
         raise UserError(f"--data {spec} is a latents file (one split): pass the test split's file with --test-data")
     test = data.load(args.test_data or spec, "test", image_size)
+    if train.classes and test.labels is not None:  # test label i must mean the training split's class i
+        test = data.relabel(test, train.classes, f"--test-data {args.test_data}" if args.test_data else f"--data {spec} (test split)")
     space = Space(train, args.vae_path or cfg.get("vae_path"), device, resolve_amp(args.amp, device))
     want = tuple(cfg["sample_shape"]) if isinstance(net, UNet) else \
         (net.dit.in_channels, net.dit.input_size, net.dit.input_size)
@@ -776,14 +778,16 @@ def sample_one(ckpt, out_dir, args, dist, feature_extractor=None):
          "sample_steps": args.sample_steps or (obj.T if obj.kind == "ddpm" else 18)}
     if images is None:
         raise UserError("latent samples need --vae-path to be decoded")
-    save_image_grid(images[:64], os.path.join(out_dir, "samples.png"))
+    if dist.is_main:
+        save_image_grid(images[:64], os.path.join(out_dir, "samples.png"))
     if args.fid:
         real = test.images[:n] if test.images is not None else \
             data.to_uint8(space.decode(test.latents["mean"][:n].to(dist.device) * test.scaling_factor))
         fake = data.to_uint8(images)
         if real.shape[1] == 1:
             real, fake = real.repeat(1, 3, 1, 1), fake.repeat(1, 3, 1, 1)
-        r["fid"] = compute_fid(real, fake, out_dir, dist.device, feature_extractor=feature_extractor)
+        r["fid"] = compute_fid(real, fake, out_dir, dist.device, feature_extractor=feature_extractor, dist=dist)
+        r.update(fid_n_generated=len(fake), fid_n_reference=len(real), fid_reference="test split")
     return r
 
 

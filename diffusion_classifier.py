@@ -65,6 +65,7 @@ class Denoiser(nn.Module):
     def __init__(self, net, num_classes, sample_shape, T=1000, classes=None, kind="dit"):
         super().__init__()
         self.net, self.num_classes, self.sample_shape, self.T, self.kind = net, num_classes, tuple(sample_shape), T, kind
+        self.named = bool(classes)  # without names, data labels are taken as the model's class indices
         self.classes = list(classes) if classes else [str(k) for k in range(num_classes)]
 
     def forward(self, x_t, t, y):
@@ -95,7 +96,8 @@ def load_denoiser(ckpt, device="cpu"):
         dit = load_dit(ckpt, "cpu")
         if dit.num_classes <= 0:
             raise UserError(f"--ckpt {ckpt}: this DiT has no label embedder; classification needs a class-conditional model")
-        den = Denoiser(dit, dit.num_classes, (dit.in_channels, dit.input_size, dit.input_size), 1000, kind="dit-official")
+        imagenet = [w for w, _ in data.imagenet_classes()] if dit.num_classes == 1000 else None  # the official DiTs' classes
+        den = Denoiser(dit, dit.num_classes, (dit.in_channels, dit.input_size, dit.input_size), 1000, imagenet, kind="dit-official")
         return den.to(device).eval(), {"kind": "dit-official", "T": 1000}
     if not os.path.isdir(ckpt):
         raise UserError(f"--ckpt {ckpt}: no such file or folder")
@@ -670,6 +672,8 @@ def resolve_data(args, den, cfg, device):
     test = data.load(spec, args.split, image_size)
     if test.labels is None:
         raise UserError(f"--data {spec}: classification needs labels")
+    if den.named:  # data label i means the data's class i: map it to the denoiser's class of that name (or wnid)
+        test = data.relabel(test, den.classes, f"--data {spec}")
     if int(test.labels.max()) >= den.num_classes:
         raise UserError(f"--data {spec}: labels go up to {int(test.labels.max())}, the model has {den.num_classes} classes")
     amp = resolve_amp(args.amp, device)
@@ -697,6 +701,8 @@ def resolve_data(args, den, cfg, device):
                 note = "random train-split images (may have been seen in training)"
         if val.labels is None:
             raise UserError("the validation data has no labels")
+        if den.named:
+            val = data.relabel(val, den.classes, f"the validation data ({note})")
         if tuple(val.sample_shape) != tuple(test.sample_shape):
             raise UserError(f"validation samples are {tuple(val.sample_shape)}, test samples {tuple(test.sample_shape)}")
     return test, avail, val, note, space

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 import data
 from data import UserError
-from training import draw_global, find_checkpoint, load_json, load_state_dict_strict, load_torch, load_weights, resolve_amp, step_generator
+from training import (draw_global, find_checkpoint, load_json, load_state_dict_strict, load_torch, load_weights, resolve_amp,
+                      step_generator, strip_wrapper_prefixes)
 from vae import Space
 
 # ----------------------------------------------------------------------------------------------
@@ -335,8 +336,10 @@ def load_dit(path, device="cpu"):
     channels from x_embedder, depth from the blocks, classes from the label table (minus the null row).
     """
     sd = load_torch(path, "DiT checkpoint")
-    if isinstance(sd, dict) and ("ema" in sd or "model" in sd):
+    if isinstance(sd, dict) and ("ema" in sd or "model" in sd):  # a training checkpoint {"model", "ema", "opt", "args"}
         sd = sd.get("ema", sd.get("model"))
+    if isinstance(sd, dict):
+        sd = strip_wrapper_prefixes(sd)
     if not isinstance(sd, dict) or "pos_embed" not in sd or "x_embedder.proj.weight" not in sd:
         raise UserError(f"{path}: not a DiT state dict (no pos_embed / x_embedder.proj.weight)")
     hidden, patch, in_ch = sd["pos_embed"].shape[2], sd["x_embedder.proj.weight"].shape[2], sd["x_embedder.proj.weight"].shape[1]

@@ -131,7 +131,7 @@ def tune(args):
     if not ds.classes or ds.labels is None:
         raise UserError(f"--data {pcfg['data']}: tune needs a labeled data set")
     labeled = data.labeled_subset(ds, labels_per_class=args.labels_per_class, fraction=args.labeled_fraction, seed=args.seed)
-    cfg = dict(pcfg, stage="tune", cond="label", num_classes=len(ds.classes), rep_dim=0, inject=None,
+    cfg = dict(pcfg, stage="tune", cond="label", num_classes=len(ds.classes), classes=ds.classes, rep_dim=0, inject=None,
                class_dropout=args.class_dropout, init_from=args.ckpt, n_labeled=len(labeled), args=vars(args))
     cfg["data"] = args.data_override or pcfg["data"]
     model = build_model(cfg)
@@ -205,6 +205,9 @@ def classify(args):
     test = data.load(args.data_override or cfg["data"], "test", cfg.get("image_size"))
     if test.labels is None:
         raise UserError("classify needs a labeled test split")
+    # label i of the data must mean the tuned model's class i: match by name
+    test = data.relabel(test, cfg["classes"], f"--data-override {args.data_override}" if args.data_override else "the test split")
+    train_ds = data.relabel(train_ds, cfg["classes"], f"--data-override {args.data_override}" if args.data_override else "the train split")
     g = torch.Generator().manual_seed(args.seed)
     if args.n_test and args.n_test < len(test):
         test = test.subset(torch.randperm(len(test), generator=g)[:args.n_test])
@@ -313,11 +316,12 @@ def sample(args):
         save_file({"samples": z.cpu()}, os.path.join(args.out_dir, "samples.safetensors"))
         print("latent samples saved; pass --vae-path to decode them to images")
     else:
-        save_image_grid(images[:64], os.path.join(args.out_dir, "samples.png"))
+        if dist.is_main:
+            save_image_grid(images[:64], os.path.join(args.out_dir, "samples.png"))
         if args.fid:
             real = test.images[:n] if test.images is not None else data.to_uint8(space.decode(test.latents["mean"][:n].to(dist.device) * test.scaling_factor))
-            metrics["fid"] = compute_fid(real, data.to_uint8(images), args.out_dir, dist.device)
-            metrics["fid_n"] = n
+            metrics["fid"] = compute_fid(real, data.to_uint8(images), args.out_dir, dist.device, dist=dist)
+            metrics.update(fid_n=n, fid_n_generated=len(images), fid_n_reference=len(real), fid_reference="test split")
     if dist.is_main:
         RunLog(args.out_dir, dist, dict(stage="sample", ckpt=args.ckpt, args=vars(args))).metrics(metrics)
         print(json.dumps(metrics))

@@ -147,9 +147,11 @@ def load_json(path):
 
 def load_torch(path, what="checkpoint"):
     """torch.load(weights_only=True) with one clear line instead of a traceback: a pickle that would call
-    anything else (os.system through __reduce__, ...) is refused, never run."""
+    anything else (os.system through __reduce__, ...) is refused, never run. argparse.Namespace is admitted: it is
+    plain data, and the official DiT / fast-DiT train.py store their flags as one next to the weights."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file (expected a {what})") from None
     except Exception as e:
@@ -162,8 +164,22 @@ def load_torch(path, what="checkpoint"):
         raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {reason[:200]})") from None
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
+
+
+def strip_wrapper_prefixes(sd):
+    """A state dict saved from a wrapped model (every key "module.x", "_orig_mod.x", or both nested) -> the plain
+    model's keys. Only a prefix shared by every key is removed, so a real submodule named `module` is safe."""
+    while sd and any(all(k.startswith(p) for k in sd) for p in WRAPPER_PREFIXES):
+        p = next(p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in sd))
+        sd = {k[len(p):]: v for k, v in sd.items()}
+    return sd
+
+
 def load_state_dict_strict(model, sd, path):
-    """load_state_dict(strict=True), with one line that lists what does not fit instead of a traceback."""
+    """load_state_dict(strict=True), with one line that lists what does not fit instead of a traceback. Keys saved from
+    a DDP- or compile-wrapped model are accepted (strip_wrapper_prefixes)."""
+    sd = strip_wrapper_prefixes(sd)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -290,6 +306,8 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), fused=fused)
     ckpt_dir = os.path.join(out_dir, "ckpt")
+    amp = resolve_amp(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # its loss scale is training state: checkpointed
     start = 0
     if args.resume:
         d = find_checkpoint(ckpt_dir)
@@ -298,6 +316,8 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
         state = load_torch(os.path.join(d, "state.pt"), "training state (optimizer, step, RNG)")
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if "scaler" in state.get("extra", {}):
+            scaler.load_state_dict(state["extra"]["scaler"])
         start = state["step"]
         if dist.is_main:
             print(f"resumed from {d} at step {start}")
@@ -306,13 +326,11 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
         net = torch.compile(net)
     if dist.world_size > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[dist.local_rank] if device.type == "cuda" else None)
-    amp = resolve_amp(args.amp, device)
-    scaler = torch.amp.GradScaler(enabled=amp == "fp16")
     log = RunLog(out_dir, dist, config)
     log.keep_until(start)
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
     ema_buffers, model_buffers = list(ema.buffers()), list(model.buffers())  # e.g. BatchNorm statistics
-    loss_sum, n_sum, t0 = torch.zeros((), device=device), 0, time.time()
+    loss_sum, n_sum, t0, saved = torch.zeros((), device=device), 0, time.time(), start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for step in range(start, args.steps):
@@ -357,8 +375,11 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
                 rec["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
             log.log(rec)
             loss_sum, n_sum, t0 = torch.zeros((), device=device), 0, time.time()
-            if dist.is_main and ((step + 1) % args.ckpt_every == 0 or last):
-                save_checkpoint(ckpt_dir, model, ema, opt, step + 1, config)
+            # at the first log step at or past each multiple of --ckpt-every (not only at common multiples of the two)
+            if dist.is_main and ((step + 1) // args.ckpt_every > saved // args.ckpt_every or last):
+                save_checkpoint(ckpt_dir, model, ema, opt, step + 1, config,
+                                extra={"scaler": scaler.state_dict()} if scaler.is_enabled() else None)
+                saved = step + 1
     if dist.world_size > 1:
         torch_dist.barrier()
     return model, ema
@@ -374,7 +395,7 @@ def add_train_args(p, steps, batch_size, lr):
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint interval (rounded to log steps)")
+    p.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint interval: at the first log step at or past each multiple")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator bf16 peak for MFU (H100 SXM dense: 989)")
 
@@ -420,26 +441,49 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, steps=500, lr=1e
         return (head(test_x).argmax(1) == test_y).float().mean().item()
 
 
-def compute_fid(real, fake, work_dir, device, feature_extractor=None):
+INCEPTION_DIM = 2048  # clean-fid's Inception pool3 features
+
+
+def compute_fid(real, fake, work_dir, device, feature_extractor=None, dist=None):
     """FID between two uint8 (N, 3, H, W) image sets through clean-fid (PNG folders, its "clean" resize).
 
-    feature_extractor=None uses clean-fid's Inception (weights are downloaded once by clean-fid);
-    tests pass a small module mapping (N, 3, 299, 299) floats in [0, 255] to (N, D) features.
-    """
+    feature_extractor=None uses clean-fid's Inception (weights are downloaded once by clean-fid); tests pass a small
+    module mapping (N, 3, 299, 299) floats in [0, 255] to (N, D) features. Each set needs more images than D (else its
+    covariance is singular and the figure meaningless): refused in one line. Scratch PNGs go to a fresh folder under
+    work_dir, removed afterwards. Under torchrun (dist), rank 0 computes and every rank returns its figure."""
+    import tempfile
+    import numpy as np
     from PIL import Image
     from cleanfid import fid as cleanfid
-    dirs = []
-    for name, imgs in (("real", real), ("fake", fake)):
-        d = os.path.join(work_dir, f"fid_{name}")
-        shutil.rmtree(d, ignore_errors=True)
-        os.makedirs(d)
-        for i, im in enumerate(imgs.cpu()):
-            Image.fromarray(im.permute(1, 2, 0).numpy()).save(os.path.join(d, f"{i:06d}.png"))
-        dirs.append(d)
-    score = cleanfid.compute_fid(dirs[0], dirs[1], mode="clean", device=torch.device(device), num_workers=0,
-                                 custom_feat_extractor=feature_extractor, verbose=False, use_dataparallel=False)
-    for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)
+    dim = INCEPTION_DIM
+    if feature_extractor is not None:
+        with torch.no_grad():
+            dim = feature_extractor(torch.zeros(1, 3, 299, 299, device=device)).shape[1]
+    for name, imgs in (("reference", real), ("generated", fake)):
+        if len(imgs) <= dim:
+            raise UserError(f"FID: the {name} set has {len(imgs)} images, but its {dim}-dimensional feature covariance "
+                            f"needs more than {dim} (pass --n-fid {dim + 1} or more)")
+    score = torch.zeros((), dtype=torch.float64)
+    if dist is None or dist.is_main:
+        os.makedirs(work_dir, exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix="fid_", dir=work_dir)
+        try:
+            model = feature_extractor or cleanfid.build_feature_extractor("clean", torch.device(device), use_dataparallel=False)
+            stats = []
+            for name, imgs in (("real", real), ("fake", fake)):
+                d = os.path.join(scratch, name)
+                os.makedirs(d)
+                for i, im in enumerate(imgs.cpu()):
+                    Image.fromarray(im.permute(1, 2, 0).numpy()).save(os.path.join(d, f"{i:06d}.png"))
+                f = cleanfid.get_folder_features(d, model, num_workers=0, batch_size=32, device=torch.device(device),
+                                                 mode="clean", verbose=False)
+                stats.append((np.mean(f, axis=0), np.cov(f, rowvar=False)))
+            score.fill_(float(cleanfid.frechet_distance(*stats[0], *stats[1])))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if dist is not None and dist.world_size > 1:
+        score = score.to(dist.device)
+        torch_dist.broadcast(score, 0)
     return float(score)
 
 

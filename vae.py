@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import data
 from data import UserError
-from training import autocast, draw_global, step_generator
+from training import autocast, draw_global, step_generator, strip_wrapper_prefixes
 
 LATENTS_FORMAT = "repcond-latents-v1"
 
@@ -181,6 +181,8 @@ class DiagonalGaussian:
 
 
 class AutoencoderKL(nn.Module):
+    scaling_factor_source = "given"  # `load` says where a file's factor came from
+
     def __init__(self, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, in_channels=3, z_channels=4,
                  scaling_factor=0.18215):
         super().__init__()
@@ -327,20 +329,38 @@ def _scaling_factor_beside(path):
         return None
 
 
+def scaling_factor_of(path, raw_keys):
+    """(factor, where it came from) for a VAE file, from what the file says about itself: a diffusers config.json beside
+    it, or the model a full checkpoint holds (SDXL's `conditioner.*` text encoders: 0.13025; SD 1.x / 2.x's
+    `cond_stage_model.*`: 0.18215). A bare VAE file says nothing: 0.18215 is assumed, and a line says so."""
+    beside = _scaling_factor_beside(path)
+    if beside is not None:
+        return beside, "config.json beside the weights"
+    if any(k.startswith("conditioner.") for k in raw_keys):
+        return SCALING_FACTORS["sdxl"], "an SDXL checkpoint (conditioner.* keys)"
+    if any(k.startswith("cond_stage_model.") for k in raw_keys):
+        return SCALING_FACTORS["sd"], "an SD 1.x/2.x checkpoint (cond_stage_model.* keys)"
+    print(f"note: {path} does not say its latent scaling factor; assuming {SCALING_FACTORS['sd']} (SD 1.x/2.x). "
+          f"SDXL's VAE needs --scaling-factor {SCALING_FACTORS['sdxl']}")
+    return SCALING_FACTORS["sd"], "assumed (the file does not say; --scaling-factor overrides)"
+
+
 def load(path, device=None, dtype=None, scaling_factor=None):
     """AutoencoderKL from a .safetensors / .ckpt / .pt / .bin file (or diffusers folder) in either layout.
-    dtype defaults to float32 (the SD VAE can overflow in float16); scaling_factor defaults to a diffusers
-    config.json beside the file, else 0.18215 (pass 0.13025 for SDXL's VAE)."""
+    dtype defaults to float32 (the SD VAE can overflow in float16); scaling_factor defaults to what the file says
+    (scaling_factor_of); the model's `scaling_factor_source` records where the factor came from."""
     path = _resolve(str(path))
-    sd = _select_vae(_read_state_dict(path))
+    raw = strip_wrapper_prefixes(_read_state_dict(path))
+    sd = _select_vae(raw)
     layout = "diffusers" if is_diffusers_layout(sd) else "LDM"
     if layout == "diffusers":
         sd = diffusers_to_ldm(sd)
     config = infer_config(sd)
     if config is None:  # not even the config could be read: compare with the sd preset to list what is off
         config = dict(VAE_configs["sd"], in_channels=3, z_channels=4)
+    source = "--scaling-factor"
     if scaling_factor is None:
-        scaling_factor = _scaling_factor_beside(path) or SCALING_FACTORS["sd"]
+        scaling_factor, source = scaling_factor_of(path, raw)
     with torch.device("meta"):  # no time spent on a random init that the weights overwrite
         model = AutoencoderKL(**config, scaling_factor=scaling_factor)
     want = {k: v.shape for k, v in model.state_dict().items()}
@@ -355,6 +375,7 @@ def load(path, device=None, dtype=None, scaling_factor=None):
                         + "; ".join(parts))
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
+    model.scaling_factor_source = source
     return model.to(device or "cpu").eval()
 
 
@@ -416,18 +437,22 @@ class Space:
     Pixel space: z0 = x in [-1, 1]. A latents file (`vae.py encode`): the loader already returns
     scaled latents. An image data set with --vae-path: z0 = vae.encode(x).sample() * scaling_factor,
     computed on the fly under no_grad (bf16 on CUDA); decoding needs the VAE in both latent cases.
+    The VAE never runs in fp16: SD VAEs overflow there (diffusers' force_upcast), so --amp fp16 runs it in fp32.
     """
     def __init__(self, ds, vae_path, device, amp="none"):
-        self.vae, self.kind, self.amp, self.device = None, "pixel", amp, device
+        self.vae, self.kind, self.device = None, "pixel", device
+        self.amp = "none" if amp == "fp16" else amp  # the VAE's precision: fp32 or bf16, never fp16
         self.scaling_factor = ds.scaling_factor
         if ds.latents is not None:
             self.kind = "latents"
+        self.vae_path = vae_path
         if vae_path not in (None, "", "none"):
             self.vae = load(vae_path, device=device).eval().requires_grad_(False)
             if ds.latents is None:
                 self.kind, self.scaling_factor = "vae", self.vae.scaling_factor
         C, H, W = ds.sample_shape
         if self.kind == "vae":
+            check_size(self.vae, (H, W), "the data")
             f = self.vae.downsample_factor
             C, H, W = self.vae.latent_channels, H // f, W // f
         self.sample_shape = (C, H, W)
@@ -442,6 +467,7 @@ class Space:
             post = self.vae.encode(x)
         if generator is False:
             z = post.mean.float()
+            self._check_finite(z, "encoder")
         elif dist is not None:
             eps = draw_global(generator, "randn", x.shape[0], dist, *post.mean.shape[1:]).to(post.mean.dtype)
             z = (post.mean + post.std * eps).float()
@@ -464,7 +490,14 @@ class Space:
         if self.vae is None:
             return None
         with autocast(self.amp, self.device):
-            return self.vae.decode(z / self.scaling_factor).float().clamp(-1, 1)
+            x = self.vae.decode(z / self.scaling_factor).float()
+        self._check_finite(x, "decoder")
+        return x.clamp(-1, 1)
+
+    def _check_finite(self, x, part):
+        if not bool(torch.isfinite(x).all()):  # a host sync: evaluation paths only, never the training step
+            raise UserError(f"the VAE's {part} ({self.vae_path}) gave non-finite values at precision "
+                            f"{'bf16' if self.amp == 'bf16' else 'fp32'}: the VAE, not the model, overflowed")
 
 
 
@@ -481,7 +514,17 @@ def _load_images(args, split, model):
     if ds.images.shape[1] not in (1, model.config["in_channels"]):
         raise UserError(f"--data {args.data}: {ds.images.shape[1]}-channel images, the VAE takes "
                         f"{model.config['in_channels']}")
+    check_size(model, ds.images.shape[-2:], f"--data {args.data}")
     return ds
+
+
+def check_size(model, hw, what):
+    """Refuse images whose sides the VAE does not divide exactly: its convolutions would silently drop the remainder
+    (17 x 17 pixels -> 2 x 2 latents that decode to 16 x 16)."""
+    f = model.downsample_factor
+    if hw[0] % f or hw[1] % f:
+        raise UserError(f"{what}: {hw[0]}x{hw[1]} images are not a multiple of the VAE's downsampling factor {f}; "
+                        f"pass --image-size with a multiple of {f} (e.g. {max(f, hw[0] // f * f)})")
 
 
 def _same_file(a, b):
@@ -511,6 +554,7 @@ def cmd_encode(args):
         if ds.labels is not None:
             tensors["labels"] = ds.labels.to(torch.int64).cpu()
         meta = {"format": LATENTS_FORMAT, "scaling_factor": repr(float(model.scaling_factor)),
+                "scaling_factor_source": model.scaling_factor_source,
                 "classes": json.dumps(list(ds.classes)), "image_size": str(ds.images.shape[-1]),
                 "source": args.data, "split": split, "vae": os.path.basename(args.vae_path)}
         out = args.out.replace("{split}", split)
@@ -546,10 +590,6 @@ def cmd_recon(args):
     device = _device(args.device)
     model = load(args.vae_path, device=device, scaling_factor=args.scaling_factor)
     ds = _load_images(args, args.split, model)
-    f = model.downsample_factor
-    if ds.images.shape[-1] % f or ds.images.shape[-2] % f:
-        raise UserError(f"--data {args.data}: image size {tuple(ds.images.shape[-2:])} is not a multiple of the "
-                        f"VAE's downsampling factor {f} (use --image-size)")
     idx = torch.linspace(0, len(ds) - 1, min(args.n, len(ds))).round().long().unique()  # spread over the set
     x = ds.images[idx]
     rec = []

@@ -216,7 +216,7 @@ def test_tinyimagenet_folder(tmp_path):
         write_image(str(root / "val" / "images" / f"val_{k}.png"), img)
     (root / "val" / "val_annotations.txt").write_text("".join(f"val_{k}.png\t{wnids[k % 2]}\t0\t0\t63\t63\n" for k in range(3)))
     ds = data.load(str(root))
-    assert ds.classes == ["goldfish", "tabby"] and ds.images.shape == (6, 3, 64, 64)
+    assert ds.classes == ["n01", "n02"] and ds.images.shape == (6, 3, 64, 64)  # wnids: they name ImageNet classes
     assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert np.array_equal(ds.images[0].permute(1, 2, 0).numpy(), train[("n01", 0)])
     v = data.load(str(root), "val", image_size=32)
@@ -479,3 +479,90 @@ def test_cli(tmp_path, capsys):
     data.main(data.parse_args(["--data", "shapes", "--split", "test", "--grid", str(grid)]))
     out = capsys.readouterr().out
     assert "1000 images" in out and "10 classes" in out and Image.open(grid).size == (8 * 34 + 2, 10 * 34 + 2)
+
+# -----------------------------------------------------------------------------
+# Files as people have them: every mode comes out as the picture a viewer shows; hidden files are not data;
+# class names, not folder order, define labels across splits
+
+
+def decode(path):
+    return data._decode(str(path))
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    ramp = (np.arange(64).reshape(8, 8) * 1040).astype(np.uint16)  # 0 .. 65,520
+    Image.fromarray(ramp).save(tmp_path / "r16.png")
+    assert Image.open(tmp_path / "r16.png").mode == "I;16"
+    x = decode(tmp_path / "r16.png")
+    assert x.shape == (8, 8, 3) and abs(x.mean() - 127.5) < 0.1  # was 251: nearly white
+    assert np.array_equal(x[..., 0], np.rint(ramp / 257.0).astype(np.uint8))
+    f = np.array([[0.0, 0.5], [1.0, 0.25]], np.float32)  # float greyscale in [0, 1]
+    Image.fromarray(f, "F").save(tmp_path / "f.tif")
+    assert decode(tmp_path / "f.tif")[..., 0].tolist() == [[0, 128], [255, 64]]
+
+
+def test_transparency_is_composited_onto_white_whatever_colour_hides_there(tmp_path):
+    rng = np.random.default_rng(0)
+    rgba = np.concatenate([rng.integers(0, 256, (4, 4, 3)), np.zeros((4, 4, 1))], -1).astype(np.uint8)
+    rgba[2:, :, 3] = 255  # bottom half opaque, top half fully transparent with random hidden colours
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    x = decode(tmp_path / "a.png")
+    assert (x[:2] == 255).all() and np.array_equal(x[2:], rgba[2:, :, :3])
+    half = rgba.copy()
+    half[..., 3] = 128  # half transparent: the usual "over" blend with the white background
+    Image.fromarray(half, "RGBA").save(tmp_path / "h.png")
+    want = np.rint((half[..., :3].astype(float) * 128 + 255 * 127) / 255)
+    assert np.abs(decode(tmp_path / "h.png").astype(float) - want).max() <= 1
+    p = Image.new("P", (2, 2))  # a palette with a transparent index (tRNS), and greyscale + alpha
+    p.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    p.putdata([0, 1, 0, 1])
+    p.save(tmp_path / "p.png", transparency=0)
+    assert decode(tmp_path / "p.png").reshape(-1, 3).tolist() == [[255, 255, 255], [0, 255, 0]] * 2
+    la = np.stack([np.full((2, 2), 100, np.uint8), np.array([[0, 255], [0, 255]], np.uint8)], -1)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    assert decode(tmp_path / "la.png")[..., 0].tolist() == [[255, 100], [255, 100]]
+
+
+def test_exif_orientation_cmyk_lab_and_profiles_give_what_a_viewer_shows(tmp_path):
+    upright = np.zeros((2, 3, 3), np.uint8)
+    upright[0, 0] = 255  # a white top-left pixel in an otherwise black 3-wide, 2-high picture
+    stored = np.rot90(upright, 1).copy()  # a camera stores the pixels rotated and tags orientation 6 (rotate 90 cw)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "rot.png", exif=exif)
+    assert np.array_equal(decode(tmp_path / "rot.png"), upright)
+    Image.new("CMYK", (2, 2), (0, 255, 255, 0)).save(tmp_path / "cmyk.tif")
+    assert decode(tmp_path / "cmyk.tif")[0, 0].tolist() == [255, 0, 0]  # no ink but magenta + yellow: red
+    Image.new("LAB", (2, 2), (128, 128, 128)).save(tmp_path / "lab.tif")  # L* 50, a* = b* = 0: mid grey
+    assert np.abs(decode(tmp_path / "lab.tif")[0, 0].astype(int) - 119).max() <= 1
+    from PIL import ImageCms
+    rgb = np.random.default_rng(1).integers(0, 256, (4, 4, 3)).astype(np.uint8)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(rgb).save(tmp_path / "tagged.png", icc_profile=srgb)
+    assert np.array_equal(decode(tmp_path / "tagged.png"), rgb)  # an sRGB profile changes nothing
+
+
+def test_hidden_files_and_archive_leftovers_are_not_data(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        for k in range(4):
+            write_image(str(tmp_path / "train" / c / f"{k}.png"), rand_image(rng))
+    write_image(str(tmp_path / "train" / "cat" / ".ipynb_checkpoints" / "0-checkpoint.png"), rand_image(rng))
+    (tmp_path / "train" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")  # resource-fork sidecar
+    (tmp_path / "train" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    write_image(str(tmp_path / "train" / "__MACOSX" / "cat" / "._1.png"), rand_image(rng))
+    write_image(str(tmp_path / "train" / ".hidden_class" / "x.png"), rand_image(rng))
+    ds = data.load(str(tmp_path), "train")
+    assert ds.classes == ["cat", "dog"] and len(ds) == 8 and ds.labels.tolist() == [0] * 4 + [1] * 4
+
+
+def test_test_split_labels_index_the_training_classes_by_name(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", ["cat", "dog", "fox"]), ("test", ["cat", "fox"])):
+        for c in classes:
+            for k in range(2):
+                write_image(str(tmp_path / split / c / f"{k}.png"), rand_image(rng))
+    test = data.load(str(tmp_path), "test")
+    assert test.classes == ["cat", "dog", "fox"] and test.labels.tolist() == [0, 0, 2, 2]  # fox is 2, as in train
+    write_image(str(tmp_path / "test" / "owl" / "0.png"), rand_image(rng))
+    assert_user_error(lambda: data.load(str(tmp_path), "test"), "['owl']", "not classes of", "train")

@@ -255,7 +255,7 @@ def test_sample_fid_over_checkpoints_against_probe_accuracy(ddpm_run, tmp_path):
     out, _, _ = ddpm_run
     args = dp.build_parser().parse_args(
         ["sample", "--ckpts", str(out / "ckpt_0000015"), str(out / "ckpt_0000030"), "--out-dir", str(tmp_path), "--fid",
-         "--n-fid", "32", "--batch-size", "32", "--sampler", "ddim", "--sample-steps", "5", "--probe", "--t", "0",
+         "--n-fid", "80", "--batch-size", "40", "--sampler", "ddim", "--sample-steps", "5", "--probe", "--t", "0",
          "--layers", "mid", "up.1", "--views", "1", "--probe-epochs", "2", "--labels-per-class", "5", "--n-test", "50",
          "--device", "cpu"])
     m = dp.sample(args, feature_extractor=TinyFeatures())

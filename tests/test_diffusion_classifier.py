@@ -186,7 +186,7 @@ def _latents_file(path, n=1, K=1000, seed=0):
     t = {"mean": mean, "std": torch.ones_like(mean) * 0.1, "mean_flip": mean.flip(3), "std_flip": torch.ones_like(mean) * 0.1,
          "labels": torch.arange(n) % 3 + 1}
     save_file(t, str(path), metadata={"format": "repcond-latents-v1", "scaling_factor": "0.18215", "image_size": "256",
-                                      "classes": json.dumps([f"n{k:08d}" for k in range(K)]), "source": "test"})
+                                      "classes": json.dumps([w for w, _ in data.imagenet_classes()][:K]), "source": "test"})  # ImageNet wnids
     return path
 
 
