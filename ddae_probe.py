@@ -29,7 +29,6 @@ import csv
 import math
 import os
 import shutil
-import sys
 import time
 from functools import partial
 
@@ -42,9 +41,10 @@ from safetensors.torch import save_file
 
 import data
 from data import UserError
-from training import (add_common_args, add_train_args, autocast, cleanup_distributed, compile_default, compute_fid, Dist,
-                      draw_global, find_checkpoint, fit, gather_by_index, load_json, load_torch, load_weights, resolve_amp,
-                      RunLog, save_curve, save_heatmap, save_image_grid, save_json, setup_distributed, step_generator)
+from training import (add_common_args, add_train_args, autocast, check_out_dir, cleanup_distributed, compile_default,
+                      compute_fid, Dist, draw_global, find_checkpoint, fit, gather_by_index, HelpFormatter, INCEPTION_FILE,
+                      load_json, load_torch, load_weights, resolve_amp, run, RunLog, save_curve, save_heatmap, save_image_grid,
+                      save_json, setup_distributed, step_generator)
 from models import (build_model, DiT_models, FinalLayer, GlobalDropout, load_dit, make_objective, mem_format, timestep_embedding,
                     UNet, UNet_models, unpatchify)
 from vae import Space
@@ -786,7 +786,8 @@ def sample_one(ckpt, out_dir, args, dist, feature_extractor=None):
         fake = data.to_uint8(images)
         if real.shape[1] == 1:
             real, fake = real.repeat(1, 3, 1, 1), fake.repeat(1, 3, 1, 1)
-        r["fid"] = compute_fid(real, fake, out_dir, dist.device, feature_extractor=feature_extractor, dist=dist)
+        r["fid"] = compute_fid(real, fake, out_dir, dist.device, feature_extractor=feature_extractor, dist=dist,
+                               inception_path=args.inception_path)
         r.update(fid_n_generated=len(fake), fid_n_reference=len(real), fid_reference="test split")
     return r
 
@@ -879,6 +880,7 @@ def pipeline(args):
         ["pretrain", "--out-dir", f"{out}/pretrain", "--model", "tiny", "--objective", args.objective, *common,
          "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup", str(args.warmup),
          "--ema-decay", str(args.ema_decay), "--log-every", "50", "--ckpt-every", str(args.steps)]
+        + (["--overwrite"] if args.overwrite else [])
         + (["--image-size", str(args.image_size)] if args.image_size else [])))
     t_mid = time.time()
     levels = args.t or PIPELINE_T[args.objective]
@@ -898,10 +900,10 @@ def pipeline(args):
     return metrics
 
 
-def add_backbone_args(q, batch=True):
+def add_backbone_args(q, stage, batch=True):
     """What every evaluation stage reads: the network, the data, the labeled subset."""
-    add_common_args(q)
-    q.set_defaults(data=None, out_dir="runs/ddae_eval")
+    add_common_args(q, f"runs/ddae/{stage}")
+    q.set_defaults(data=None)
     q.add_argument("--ckpt", default=None, help="a pretrain checkpoint folder (OUT_DIR/ckpt), ddae_probe or repcond_dit")
     q.add_argument("--dit-path", default=None, help="an official DiT .pt (raw state dict), used with the null label")
     q.add_argument("--test-data", default=None, help="the test split's spec when it is a different file (latents)")
@@ -924,10 +926,10 @@ def add_probe_args(q):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                                 allow_abbrev=False)  # exact flags: a prefix here would swallow a subcommand's flag
-    add_common_args(p)
-    p.set_defaults(out_dir="runs/ddae")
+    add_common_args(p, "runs/ddae")
+    p.add_argument("--overwrite", action="store_true", help="pipeline: replace the runs already in OUT_DIR")
     p.add_argument("--objective", default="ddpm", choices=["ddpm", "edm"])
     p.add_argument("--steps", type=int, default=400, help="pipeline: pretrain steps of the tiny UNet")
     p.add_argument("--batch-size", type=int, default=64)
@@ -941,11 +943,10 @@ def build_parser():
                    help="pipeline probe lr: 15 epochs of 1000 images are 120 steps, too few for the paper's 1e-3")
     p.add_argument("--t", type=float, nargs="+", default=None, help=f"pipeline probe levels (default {PIPELINE_T})")
     sub = p.add_subparsers(dest="cmd")
-    sub.add_parser = partial(sub.add_parser, allow_abbrev=False)
+    sub.add_parser = partial(sub.add_parser, allow_abbrev=False, formatter_class=HelpFormatter)
 
     q = sub.add_parser("pretrain", help="diffusion pre-training of a UNet (ddpm or edm objective)")
-    add_common_args(q)
-    q.set_defaults(out_dir="runs/ddae")
+    add_common_args(q, "runs/ddae/pretrain")
     add_train_args(q, steps=800_000, batch_size=128, lr=1e-4)
     q.set_defaults(warmup=5000, ema_decay=None)  # ema: 0.9999 (ddpm) / 0.9993 (edm) when not given
     q.add_argument("--model", default="ddpm", choices=sorted(UNet_models))
@@ -964,18 +965,18 @@ def build_parser():
     q.add_argument("--snapshot-every", type=int, default=0, help="keep OUT_DIR/ckpt_STEP copies every K steps (for sample --ckpts)")
 
     q = sub.add_parser("probe", help="layer x timestep grid of linear probes, raw-pixel baseline, heatmap")
-    add_backbone_args(q)
+    add_backbone_args(q, "probe")
     add_probe_args(q)
 
     q = sub.add_parser("align", help="label-free alignment/uniformity per layer and t, ranked against a probe grid")
-    add_backbone_args(q)
+    add_backbone_args(q, "align")
     q.add_argument("--t", type=float, nargs="+", default=None)
     q.add_argument("--layers", nargs="+", default=None)
     q.add_argument("--grid", default=None, help="a probe run's grid.json: its layers, t and accuracies")
     q.add_argument("--n", type=int, default=1000, help="training images used (label-free)")
 
     q = sub.add_parser("finetune", help="truncate at a layer, fixed t, clean input, train end to end; vs scratch")
-    add_backbone_args(q, batch=False)
+    add_backbone_args(q, "finetune", batch=False)
     add_train_args(q, steps=20_000, batch_size=128, lr=1e-4)
     q.set_defaults(warmup=500, ema_decay=0.999, batch_size=128)
     q.add_argument("--layer", default=None)
@@ -985,7 +986,7 @@ def build_parser():
     q.add_argument("--eval-batch-size", type=int, default=256)
 
     q = sub.add_parser("noisy", help="noise-conditional classifier: frozen features + t embedding + 2-layer MLP")
-    add_backbone_args(q, batch=False)
+    add_backbone_args(q, "noisy", batch=False)
     add_train_args(q, steps=20_000, batch_size=128, lr=1e-3)
     q.set_defaults(ema_decay=0.999, batch_size=128)
     q.add_argument("--layer", default=None)
@@ -994,20 +995,21 @@ def build_parser():
     q.add_argument("--eval-batch-size", type=int, default=256)
 
     q = sub.add_parser("sample", help="samples, FID, and FID vs best probe accuracy over --ckpts")
-    add_backbone_args(q)
+    add_backbone_args(q, "sample")
     add_probe_args(q)
-    q.set_defaults(batch_size=128, out_dir="runs/ddae_sample")
+    q.set_defaults(batch_size=128)
     q.add_argument("--ckpts", nargs="+", default=None, help="several checkpoints (e.g. pretrain --snapshot-every)")
     q.add_argument("--n", type=int, default=64)
     q.add_argument("--fid", action="store_true", help="FID (clean-fid) against the test split")
+    q.add_argument("--inception-path", default=None, help=f"FID's Inception weights ({INCEPTION_FILE}; default: clean-fid's cache)")
     q.add_argument("--n-fid", type=int, default=50_000)
     q.add_argument("--probe", action="store_true", help="also run the probe grid on each checkpoint")
     q.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ddpm objective only (edm: Heun)")
     q.add_argument("--sample-steps", type=int, default=None, help="default: T ancestral steps (ddpm), 18 Heun steps (edm)")
 
     q = sub.add_parser("bench-grid", help="time the batched grid against one run per cell (writes bench_grid.json)")
-    add_common_args(q)
-    q.set_defaults(data=None, out_dir="runs/ddae_bench")
+    add_common_args(q, "runs/ddae/bench-grid")
+    q.set_defaults(data=None)
     q.add_argument("--ckpt", default=None)
     q.add_argument("--dit-path", default=None)
     q.add_argument("--t", type=float, nargs="+", default=None)
@@ -1030,6 +1032,8 @@ def _bench_cmd(args):
 def main(args):
     stages = {"pretrain": pretrain, "probe": probe, "align": align, "finetune": finetune, "noisy": noisy,
               "sample": sample, "bench-grid": _bench_cmd, None: pipeline}
+    if args.cmd is not None:
+        check_out_dir(args)
     try:
         return stages[args.cmd](args)
     finally:
@@ -1037,7 +1041,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run(main, build_parser())

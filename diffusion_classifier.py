@@ -33,10 +33,9 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 import torch.distributed as torch_dist
@@ -46,9 +45,9 @@ from safetensors.torch import load_file, save_file
 
 import data
 from data import UserError
-from training import (accuracy_f1, add_common_args, add_train_args, autocast, cleanup_distributed, compile_default,
-                      find_checkpoint, fit, load_json, load_weights, resolve_amp, RunLog, save_curve, save_heatmap, save_json,
-                      setup_distributed, transformer_flops_per_image)
+from training import (accuracy_f1, add_common_args, add_train_args, autocast, check_out_dir, cleanup_distributed,
+                      compile_default, find_checkpoint, fit, HelpFormatter, load_json, load_weights, resolve_amp, run, RunLog,
+                      save_curve, save_heatmap, save_json, setup_distributed, transformer_flops_per_image)
 from models import build_model, Diffusion, diffusion_loss, DiT, DiT_models, load_dit, UNet
 from vae import Space
 
@@ -1035,7 +1034,8 @@ def pipeline(args):
     size = ["--image-size", str(args.image_size)] if args.image_size else []
     train(p.parse_args(["train", "--out-dir", f"{out}/train", *common, *size, "--data", args.data, "--model", args.model, "--steps", str(args.steps),
                         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--n-val", str(args.n_val), "--log-every", "100",
-                        "--ckpt-every", str(args.steps), "--warmup", "50", *(["--no-augment"] if args.no_augment else [])]))
+                        "--ckpt-every", str(args.steps), "--warmup", "50", *(["--no-augment"] if args.no_augment else []),
+                        *(["--overwrite"] if args.overwrite else [])]))
     t_train = time.time() - t_start
     cls = ["--ckpt", f"{out}/train/ckpt", *common, "--n-test", str(args.n_test),
            "--n-val", str(args.n_val), "--n-samples", str(args.n_samples), "--batch-size", "50", "--loss", args.loss]
@@ -1083,7 +1083,7 @@ def pipeline(args):
 
 
 def add_classify_args(q):
-    add_common_args(q)
+    add_common_args(q, "runs/dc/classify")
     q.add_argument("--ckpt", default=None, help="checkpoint folder (train / repcond_dit.py tune / ddae_probe.py) or official DiT .pt")
     q.set_defaults(data=None)
     q.add_argument("--split", default="test", help="split of --data to classify")
@@ -1117,9 +1117,10 @@ def add_classify_args(q):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
-    p.set_defaults(out_dir="runs/diffusion_classifier", device="cpu", image_size=16)  # 16 px: the CPU budget of the bare run
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    add_common_args(p, "runs/dc")
+    p.set_defaults(device="cpu", image_size=16)  # 16 px: the CPU budget of the bare run
+    p.add_argument("--overwrite", action="store_true", help="pipeline: replace the runs already in OUT_DIR")
     p.add_argument("--model", default="DiT-XS/4", choices=sorted(DiT_models))
     p.add_argument("--steps", type=int, default=2000, help="pipeline: training steps")
     p.add_argument("--batch-size", type=int, default=64)
@@ -1130,9 +1131,10 @@ def build_parser():
     p.add_argument("--n-samples", type=int, default=16, help="pipeline: grid size M")
     p.add_argument("--loss", default="l2", choices=["l2", "l1", "huber"])
     sub = p.add_subparsers(dest="cmd")
+    sub.add_parser = partial(sub.add_parser, formatter_class=HelpFormatter)
 
     q = sub.add_parser("train", help="train a class-conditional DiT (classifier-free label dropout)")
-    add_common_args(q)
+    add_common_args(q, "runs/dc/train")
     add_train_args(q, steps=400_000, batch_size=256, lr=1e-4)
     q.add_argument("--model", default="DiT-B/2", choices=sorted(DiT_models))
     q.add_argument("--T", type=int, default=1000)
@@ -1147,8 +1149,7 @@ def build_parser():
     q.add_argument("--out-dir", required=True)
 
     q = sub.add_parser("bench", help="img/s: batched (+ bf16 + compile) vs one class at a time, random-weight DiT")
-    add_common_args(q)
-    q.set_defaults(out_dir="runs/dc_bench")
+    add_common_args(q, "runs/dc/bench")
     q.add_argument("--model", default="DiT-B/2", choices=sorted(DiT_models))
     q.add_argument("--latent-shape", type=int, nargs=2, default=[4, 32], help="channels, size")
     q.add_argument("--num-classes", type=int, default=1000)
@@ -1163,6 +1164,8 @@ def build_parser():
 def main(args):
     stages = {"train": train, "classify": classify, "bench": bench, None: pipeline,
               "merge": lambda a: merge(a.out_dir)}
+    if args.cmd is not None:
+        check_out_dir(args)
     try:
         return stages[args.cmd](args)
     finally:
@@ -1213,7 +1216,4 @@ def t_quantile(p_upper, df):
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run(main, build_parser())

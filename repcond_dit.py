@@ -24,8 +24,8 @@ holds the paper's loss, its stages and its bare run. Run plumbing (fit, checkpoi
 import argparse
 import json
 import os
-import sys
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +33,10 @@ from safetensors.torch import save_file
 
 import data
 from data import UserError
-from training import (accuracy_f1, add_common_args, add_train_args, autocast, cleanup_distributed, compile_default, compute_fid,
-                      find_checkpoint, fit, gather_by_index, linear_probe, load_json, load_state_dict_strict, load_weights,
-                      resolve_amp, RunLog, save_curve, save_heatmap, save_image_grid, save_json, setup_distributed,
-                      step_generator, transformer_flops_per_image)
+from training import (accuracy_f1, add_common_args, add_train_args, autocast, check_out_dir, cleanup_distributed,
+                      compile_default, compute_fid, find_checkpoint, fit, gather_by_index, HelpFormatter, INCEPTION_FILE,
+                      linear_probe, load_json, load_state_dict_strict, load_weights, resolve_amp, run, RunLog, save_curve,
+                      save_heatmap, save_image_grid, save_json, setup_distributed, step_generator, transformer_flops_per_image)
 from models import build_model, Diffusion, diffusion_loss, DiT_models, load_run, sample_loop, ViT_models
 from vae import Space
 
@@ -73,8 +73,10 @@ def pretrain(args):
                freeze_encoder=args.freeze_encoder, amp=args.amp, args=vars(args))
     if args.model not in DiT_models or (args.cond == "rep" and args.encoder not in ViT_models):
         raise UserError(f"--model must be one of {sorted(DiT_models)} and --encoder one of {sorted(ViT_models)}")
-    if space.sample_shape[1] % DiT_models[args.model]["patch_size"]:
-        raise UserError(f"--model {args.model}: patch size does not divide the input size {space.sample_shape[1]}")
+    for flag, name, presets in (("--model", args.model, DiT_models), ("--encoder", args.encoder, ViT_models)):
+        patch = presets[name]["patch_size"]
+        if space.sample_shape[1] % patch and (flag == "--model" or args.cond == "rep"):
+            raise UserError(f"{flag} {name}: patch size {patch} does not divide the input size {space.sample_shape[1]}")
     model = build_model(cfg)
     if args.encoder_ckpt and not args.freeze_encoder:  # it would be ignored: say so rather than train from scratch
         raise UserError(f"--encoder-ckpt {args.encoder_ckpt}: only read with --freeze-encoder (add it, or drop --encoder-ckpt)")
@@ -127,13 +129,13 @@ def tune(args):
     dist = setup_distributed(args.device)
     compile_default(args, dist)
     torch.manual_seed(args.seed)  # initial weights: the same on every rank (fit starts the per-rank streams)
-    pre, pcfg, ds, space = load_run(args.ckpt, dist.device, args.vae_path, args.data_override, kinds=("dit",))
+    pre, pcfg, ds, space = load_run(args.ckpt, dist.device, args.vae_path, args.data, kinds=("dit",))
     if not ds.classes or ds.labels is None:
         raise UserError(f"--data {pcfg['data']}: tune needs a labeled data set")
     labeled = data.labeled_subset(ds, labels_per_class=args.labels_per_class, fraction=args.labeled_fraction, seed=args.seed)
     cfg = dict(pcfg, stage="tune", cond="label", num_classes=len(ds.classes), classes=ds.classes, rep_dim=0, inject=None,
                class_dropout=args.class_dropout, init_from=args.ckpt, n_labeled=len(labeled), args=vars(args))
-    cfg["data"] = args.data_override or pcfg["data"]
+    cfg["data"] = args.data or pcfg["data"]
     model = build_model(cfg)
     own = model.denoiser.state_dict()
     carried = {k: v for k, v in pre.denoiser.state_dict().items() if k in own}  # all but rep_embedder.*, map_embedder.*
@@ -198,16 +200,16 @@ def dc0_sweep(model, space, ds, diffusion, ts, n_noise, seed, dist, batch_size, 
 def classify(args):
     """Diffusion Classifier Zero over a timestep sweep; t is chosen on a validation split, reported on test."""
     dist = setup_distributed(args.device)
-    model, cfg, train_ds, space = load_run(args.ckpt, dist.device, args.vae_path, args.data_override, kinds=("dit",))
+    model, cfg, train_ds, space = load_run(args.ckpt, dist.device, args.vae_path, args.data, kinds=("dit",))
     if cfg.get("num_classes", 0) <= 0:
         raise UserError(f"--ckpt {args.ckpt}: classify needs a label-conditioned checkpoint (run `tune` first)")
     K = cfg["num_classes"]
-    test = data.load(args.data_override or cfg["data"], "test", cfg.get("image_size"))
+    test = data.load(args.data or cfg["data"], "test", cfg.get("image_size"))
     if test.labels is None:
         raise UserError("classify needs a labeled test split")
     # label i of the data must mean the tuned model's class i: match by name
-    test = data.relabel(test, cfg["classes"], f"--data-override {args.data_override}" if args.data_override else "the test split")
-    train_ds = data.relabel(train_ds, cfg["classes"], f"--data-override {args.data_override}" if args.data_override else "the train split")
+    test = data.relabel(test, cfg["classes"], f"--data {args.data}" if args.data else "the test split")
+    train_ds = data.relabel(train_ds, cfg["classes"], f"--data {args.data}" if args.data else "the train split")
     g = torch.Generator().manual_seed(args.seed)
     if args.n_test and args.n_test < len(test):
         test = test.subset(torch.randperm(len(test), generator=g)[:args.n_test])
@@ -260,11 +262,11 @@ def encoder_features(model, space, ds, device, batch_size=256):
 def probe(args):
     """Linear probe on the pre-trained encoder's pooled r: the self-supervised baseline for DC0."""
     dist = setup_distributed("cpu" if args.device == "cpu" else args.device)
-    model, cfg, ds, space = load_run(args.ckpt, dist.device, args.vae_path, args.data_override, kinds=("dit",))
+    model, cfg, ds, space = load_run(args.ckpt, dist.device, args.vae_path, args.data, kinds=("dit",))
     if model.encoder is None:
         raise UserError(f"--ckpt {args.ckpt}: probe needs a checkpoint with an encoder (a `pretrain --cond rep` run)")
     labeled = data.labeled_subset(ds, labels_per_class=args.labels_per_class, fraction=args.labeled_fraction, seed=args.seed)
-    test = data.load(args.data_override or cfg["data"], "test", cfg.get("image_size"))
+    test = data.load(args.data or cfg["data"], "test", cfg.get("image_size"))
     ftr, fte = encoder_features(model, space, labeled, dist.device), encoder_features(model, space, test, dist.device)
     acc = linear_probe(ftr, labeled.labels.to(dist.device), fte, test.labels.to(dist.device), len(ds.classes))
     metrics = {"probe_accuracy": acc, "n_labeled": len(labeled), "chance": 1 / len(ds.classes)}
@@ -278,9 +280,9 @@ def probe(args):
 def sample(args):
     """DDPM/DDIM samples conditioned on labels (CFG), on real images' representations, or unconditional."""
     dist = setup_distributed(args.device)
-    model, cfg, ds, space = load_run(args.ckpt, dist.device, args.vae_path, args.data_override, kinds=("dit",))
+    model, cfg, ds, space = load_run(args.ckpt, dist.device, args.vae_path, args.data, kinds=("dit",))
     diffusion = Diffusion(cfg["T"], device=dist.device)
-    test = data.load(args.data_override or cfg["data"], "test", cfg.get("image_size"))
+    test = data.load(args.data or cfg["data"], "test", cfg.get("image_size"))
     n = args.n_fid if args.fid else args.n
     g = torch.Generator(device=dist.device).manual_seed(args.seed)
     den, enc = model.denoiser, model.encoder
@@ -320,7 +322,8 @@ def sample(args):
             save_image_grid(images[:64], os.path.join(args.out_dir, "samples.png"))
         if args.fid:
             real = test.images[:n] if test.images is not None else data.to_uint8(space.decode(test.latents["mean"][:n].to(dist.device) * test.scaling_factor))
-            metrics["fid"] = compute_fid(real, data.to_uint8(images), args.out_dir, dist.device, dist=dist)
+            metrics["fid"] = compute_fid(real, data.to_uint8(images), args.out_dir, dist.device, dist=dist,
+                                         inception_path=args.inception_path)
             metrics.update(fid_n=n, fid_n_generated=len(images), fid_n_reference=len(real), fid_reference="test split")
     if dist.is_main:
         RunLog(args.out_dir, dist, dict(stage="sample", ckpt=args.ckpt, args=vars(args))).metrics(metrics)
@@ -342,7 +345,7 @@ def pipeline(args):
     """python repcond_dit.py --out-dir D: the whole method on `shapes`, plus the unconditional baseline."""
     out, size = args.out_dir, args.image_size or 16
     common = ["--data", args.data, "--device", args.device, "--seed", str(args.seed)]
-    train = ["--batch-size", str(args.batch_size), "--lr", str(args.lr), "--log-every", "100"]
+    train = ["--batch-size", str(args.batch_size), "--lr", str(args.lr), "--log-every", "100", *(["--overwrite"] if args.overwrite else [])]
     pre = ["--steps", str(args.steps), "--image-size", str(size), *common, *PIPELINE, *train]
     r_pre = pretrain(build_parser().parse_args(["pretrain", "--out-dir", f"{out}/pretrain", *pre]))
     r_unc = pretrain(build_parser().parse_args(["pretrain", "--out-dir", f"{out}/pretrain_uncond", "--cond", "none", *pre]))
@@ -363,9 +366,9 @@ def pipeline(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    add_common_args(p)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
+    add_common_args(p, "runs/repcond")
+    p.add_argument("--overwrite", action="store_true", help="pipeline: replace the runs already in OUT_DIR")
     p.add_argument("--steps", type=int, default=600, help="pipeline: pretrain steps (each of the two runs)")
     p.add_argument("--tune-steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
@@ -375,9 +378,10 @@ def build_parser():
     p.add_argument("--t", type=int, nargs="+", default=[25, 50, 100, 200])
     p.add_argument("--n-noise", type=int, default=2, help="pipeline: noise draws averaged per (image, t) in classify")
     sub = p.add_subparsers(dest="cmd")
+    sub.add_parser = partial(sub.add_parser, formatter_class=HelpFormatter)
 
     q = sub.add_parser("pretrain", help="joint encoder + denoiser training on unlabeled data", allow_abbrev=False)
-    add_common_args(q)
+    add_common_args(q, "runs/repcond/pretrain")
     add_train_args(q, steps=400_000, batch_size=256, lr=1e-4)
     q.add_argument("--model", default="DiT-B/2", choices=sorted(DiT_models))
     q.add_argument("--encoder", default="ViT-S/2", choices=sorted(ViT_models))
@@ -391,11 +395,10 @@ def build_parser():
     q.add_argument("--no-augment", action="store_true")
 
     q = sub.add_parser("tune", help="replace representation conditioning by labels; fine-tune on a few labels", allow_abbrev=False)
-    add_common_args(q)
+    add_common_args(q, "runs/repcond/tune", data=False)
     add_train_args(q, steps=20_000, batch_size=256, lr=1e-4)
     q.add_argument("--ckpt", required=True, help="a pretrain checkpoint folder (OUT_DIR/ckpt)")
-    q.add_argument("--data-override", default=None, help="labeled data other than the pretrain data (same sample shape)")
-    q.add_argument("--labels-per-class", type=int, default=None)
+    q.add_argument("--labels-per-class", type=int, default=None, help="labeled images per class (or --labeled-fraction)")
     q.add_argument("--labeled-fraction", type=float, default=None)
     q.add_argument("--class-dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
     q.add_argument("--label-init", default="rep-mean", choices=["rep-mean", "random"],
@@ -403,9 +406,8 @@ def build_parser():
     q.add_argument("--no-augment", action="store_true")
 
     q = sub.add_parser("classify", help="Diffusion Classifier Zero, with a timestep sweep", allow_abbrev=False)
-    add_common_args(q)
+    add_common_args(q, "runs/repcond/classify", data=False)
     q.add_argument("--ckpt", required=True)
-    q.add_argument("--data-override", default=None)
     q.add_argument("--t", type=int, nargs="+", default=[100, 200, 300, 400, 500, 600, 700, 800, 900])
     q.add_argument("--n-noise", type=int, default=1, help="noise draws averaged per (image, t)")
     q.add_argument("--n-test", type=int, default=0, help="classify a random subset of the test split (0: all)")
@@ -414,28 +416,29 @@ def build_parser():
     q.add_argument("--max-batch", type=int, default=2048, help="denoiser batch (images x classes) per forward")
 
     q = sub.add_parser("probe", help="linear probe on the encoder's representation r", allow_abbrev=False)
-    add_common_args(q)
+    add_common_args(q, "runs/repcond/probe", data=False)
     q.add_argument("--ckpt", required=True)
-    q.add_argument("--data-override", default=None)
     q.add_argument("--labels-per-class", type=int, default=None)
     q.add_argument("--labeled-fraction", type=float, default=None)
 
     q = sub.add_parser("sample", help="DDPM/DDIM samples, grid PNG, FID", allow_abbrev=False)
-    add_common_args(q)
+    add_common_args(q, "runs/repcond/sample", data=False)
     q.add_argument("--ckpt", required=True)
-    q.add_argument("--data-override", default=None)
     q.add_argument("--n", type=int, default=64)
     q.add_argument("--batch-size", type=int, default=64)
     q.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     q.add_argument("--sample-steps", type=int, default=50)
     q.add_argument("--cfg-scale", type=float, default=1.0)
     q.add_argument("--fid", action="store_true", help="FID (clean-fid, Inception) against the test split")
+    q.add_argument("--inception-path", default=None, help=f"FID's Inception weights ({INCEPTION_FILE}; default: clean-fid's cache)")
     q.add_argument("--n-fid", type=int, default=5000)
     return p
 
 
 def main(args):
     stages = {"pretrain": pretrain, "tune": tune, "classify": classify, "probe": probe, "sample": sample, None: pipeline}
+    if args.cmd is not None:
+        check_out_dir(args)
     try:
         return stages[args.cmd](args)
     finally:
@@ -443,7 +446,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run(main, build_parser())

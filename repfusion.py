@@ -23,8 +23,8 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
+from functools import partial
 
 import torch
 import torch.distributed as torch_dist
@@ -33,9 +33,9 @@ import torch.nn.functional as F
 
 import data
 from data import UserError
-from training import (add_common_args, add_train_args, all_sum, autocast, cleanup_distributed, compile_default, draw_global,
-                      find_checkpoint, fit, linear_probe, load_json, load_state_dict_strict, load_weights, resolve_amp, RunLog,
-                      save_heatmap, save_json, setup_distributed, step_generator)
+from training import (add_common_args, add_train_args, all_sum, autocast, check_out_dir, cleanup_distributed, compile_default,
+                      draw_global, find_checkpoint, fit, HelpFormatter, linear_probe, load_json, load_state_dict_strict,
+                      load_weights, resolve_amp, run, RunLog, save_heatmap, save_json, setup_distributed, step_generator)
 from models import checkpoint_kind, Diffusion, load_run, make_objective, UNet, UNet_models
 from vae import Space
 
@@ -661,7 +661,7 @@ def train_classifier(args, init=None):
         if dcfg.get("stage") != "repfusion-distill":
             raise UserError(f"--ckpt {init}: not a `repfusion.py distill` checkpoint (stage {dcfg.get('stage')!r})")
         sd = {k[len("student."):]: v for k, v in load_weights(d, RepFusion(dcfg)).state_dict().items() if k.startswith("student.")}
-    spec = (args.data_override or dcfg["data"]) if dcfg else args.data
+    spec = (args.data or dcfg["data"]) if dcfg else args.data
     image_size = dcfg.get("image_size") if dcfg else args.image_size
     ds = data.load(spec, "train", image_size)
     if ds.labels is None or not ds.classes:
@@ -735,7 +735,8 @@ def train_teacher(args, out):
     loader = data.Loader(ds, 32, dist.device, seed=args.seed, augment=True, crop_padding=0, flip=True,  # flip only, as DDPM
                          rank=dist.rank, world_size=dist.world_size)
     run = argparse.Namespace(seed=args.seed, steps=args.teacher_steps, batch_size=32, lr=2e-3, weight_decay=0.0, warmup=50, grad_clip=1.0,
-                             ema_decay=0.999, log_every=100, ckpt_every=args.teacher_steps, resume=False, compile=None, amp="auto",
+                             ema_decay=0.999, log_every=100, ckpt_every=args.teacher_steps, resume=False, overwrite=args.overwrite,
+                             compile=None, amp="auto",
                              peak_tflops=989.0)
     compile_default(run, dist)
     fit(model, lambda net, x, y, step: obj.loss(net, x, step, args.seed, dist), loader, run, dist, out, cfg)
@@ -752,7 +753,8 @@ def pipeline(args):
     if args.compile is not None:
         common.append("--compile" if args.compile else "--no-compile")
     lab = ["--labels-per-class", str(args.labels_per_class)]
-    train = ["--batch-size", str(args.batch_size), "--lr", str(args.lr), "--log-every", "50", "--ema-decay", str(args.ema_decay)]
+    train = ["--batch-size", str(args.batch_size), "--lr", str(args.lr), "--log-every", "50", "--ema-decay", str(args.ema_decay),
+             *(["--overwrite"] if args.overwrite else [])]
     p = build_parser()
     r_d = distill(p.parse_args(["distill", "--teacher", teacher, "--out-dir", f"{out}/distill", *common, *train,
                                 "--steps", str(args.steps), "--student", args.student, "--width", str(args.width),
@@ -780,9 +782,10 @@ def pipeline(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                                 allow_abbrev=False)  # else a sub-command flag such as --t is "ambiguous" here
-    add_common_args(p)
+    add_common_args(p, "runs/repfusion")
+    p.add_argument("--overwrite", action="store_true", help="pipeline: replace the runs already in OUT_DIR")
     p.add_argument("--teacher", default=None, help="pipeline: reuse this teacher checkpoint instead of training one")
     p.add_argument("--teacher-steps", type=int, default=600, help="pipeline: teacher pre-training steps")
     p.add_argument("--teacher-ch", type=int, default=16, help="pipeline: the teacher UNet's base width")
@@ -800,9 +803,10 @@ def build_parser():
     p.add_argument("--reward-labels", default="all", choices=["all", "budget"],
                    help="pipeline: labels the rl reward reads: all train labels (the paper's setting) or only the budget")
     sub = p.add_subparsers(dest="cmd")
+    sub.add_parser = partial(sub.add_parser, formatter_class=HelpFormatter)
 
     q = sub.add_parser("distill", help="distil the teacher's features into the student (with the t policy)")
-    add_common_args(q)
+    add_common_args(q, "runs/repfusion/distill")
     add_train_args(q, steps=78_000, batch_size=128, lr=1e-3)  # 200 epochs of CIFAR-10 at batch 128
     q.add_argument("--teacher", required=True, help="a ddae_probe.py or repcond_dit.py checkpoint folder")
     q.add_argument("--teacher-layer", default=None,
@@ -829,15 +833,13 @@ def build_parser():
     for name, hlp in (("finetune", "fine-tune the distilled student on labels"),
                       ("scratch", "the same student from scratch, same labels")):
         q = sub.add_parser(name, help=hlp)
-        add_common_args(q)
+        add_common_args(q, f"runs/repfusion/{name}", data=name == "scratch")
         add_train_args(q, steps=20_000, batch_size=128, lr=1e-3)
         if name == "finetune":
             q.add_argument("--ckpt", required=True, help="a distill checkpoint folder (OUT_DIR/ckpt)")
-            q.add_argument("--data-override", default=None, help="labeled data other than the distillation data")
         else:
             q.add_argument("--student", default="resnet18", choices=sorted(Student_models))
             q.add_argument("--width", type=int, default=64)
-            q.set_defaults(data_override=None)
         q.add_argument("--labels-per-class", type=int, default=None)
         q.add_argument("--labeled-fraction", type=float, default=None)
         q.add_argument("--no-augment", action="store_true")
@@ -846,6 +848,8 @@ def build_parser():
 
 def main(args):
     stages = {"distill": distill, "finetune": finetune, "scratch": scratch, None: pipeline}
+    if args.cmd is not None:
+        check_out_dir(args)
     try:
         return stages[args.cmd](args)
     finally:
@@ -853,7 +857,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run(main, build_parser())

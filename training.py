@@ -11,6 +11,8 @@ import json
 import math
 import os
 import shutil
+import sys
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -192,6 +194,13 @@ def load_state_dict_strict(model, sd, path):
     model.load_state_dict(sd, strict=True)
 
 
+def umask_mode(path):
+    """Give a file the mode the user's umask asks for (as open() would): some writers (safetensors) create 0600 files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_checkpoint(ckpt_dir, model, ema=None, optimizer=None, step=0, config=None, extra=None):
     """Write model/EMA weights (safetensors), optimizer + step + RNG (torch.save of tensors and plain
     containers) and config.json into ckpt_dir atomically: a sibling .tmp folder is filled, then swapped in,
@@ -207,6 +216,8 @@ def save_checkpoint(ckpt_dir, model, ema=None, optimizer=None, step=0, config=No
         state["optimizer"] = optimizer.state_dict()
     torch.save(state, os.path.join(tmp, "state.pt"))
     save_json(os.path.join(tmp, "config.json"), config or {})
+    for name in os.listdir(tmp):
+        umask_mode(os.path.join(tmp, name))
     if os.path.exists(ckpt_dir):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(ckpt_dir, old)
@@ -245,13 +256,13 @@ class RunLog:
             if config is not None:
                 save_json(os.path.join(out_dir, "config.json"), config)
 
-    def log(self, record, echo=True):
+    def log(self, record, echo=True, prefix="", suffix=""):
         if not self.dist.is_main:
             return
         with open(os.path.join(self.out_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         if echo:
-            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+            print(prefix + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()) + suffix, flush=True)
 
     def metrics(self, m):
         if self.dist.is_main:
@@ -279,11 +290,29 @@ class RunLog:
 # The training loop and the flags every script shares
 
 
+def _eta(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 def transformer_flops_per_image(model, tokens):
     """Training FLOPs per image of a transformer (nanoGPT's estimate): 6 * params * tokens for the
     matmuls plus 12 * layers * width * tokens^2 for attention scores (forward + backward)."""
     n = sum(p.numel() for p in model.blocks.parameters())
     return 6 * n * tokens + 12 * len(model.blocks) * model.blocks[0].attn.qkv.in_features * tokens ** 2
+
+
+def check_resume(ckpt_dir, args):
+    """--resume continues a run only with the flags that shaped it (batch, learning rate, schedules, model, data, ...):
+    a resumed run that changed one would be neither the old run nor a new one. Only RESUMABLE flags may differ."""
+    saved = load_json(os.path.join(ckpt_dir, "config.json")).get("args")
+    if not isinstance(saved, dict):
+        return
+    now = json.loads(json.dumps(vars(args), default=str))
+    differ = [k for k in sorted(set(saved) & set(now)) if k not in RESUMABLE and saved[k] != now[k]]
+    if differ:
+        raise UserError("--resume: " + ", ".join(f"--{k.replace('_', '-')} {now[k]} (the run has {saved[k]})" for k in differ[:6])
+                        + " differ from the run in " + ckpt_dir + "; resume with its flags, or start a new run")
 
 
 def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0, params=None):
@@ -309,8 +338,13 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
     amp = resolve_amp(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # its loss scale is training state: checkpointed
     start = 0
+    held = [d for d in (ckpt_dir, ckpt_dir + ".old") if os.path.isfile(os.path.join(d, "model.safetensors"))]
+    if held and not args.resume and not getattr(args, "overwrite", False):
+        raise UserError(f"{out_dir} holds a run's checkpoint already: pass --resume to continue it, --overwrite to replace "
+                        f"it, or another --out-dir")
     if args.resume:
         d = find_checkpoint(ckpt_dir)
+        check_resume(d, args)
         load_weights(d, model, prefer_ema=False)
         load_weights(d, ema, prefer_ema=True)
         state = load_torch(os.path.join(d, "state.pt"), "training state (optimizer, step, RNG)")
@@ -319,8 +353,11 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
         if "scaler" in state.get("extra", {}):
             scaler.load_state_dict(state["extra"]["scaler"])
         start = state["step"]
+        if start > args.steps:
+            raise UserError(f"--steps {args.steps}: the checkpoint in {d} is at step {start} already; pass --steps above "
+                            f"{start} to continue it")
         if dist.is_main:
-            print(f"resumed from {d} at step {start}")
+            print(f"resumed from {d} at step {start}" + (" (= --steps: nothing left to train)" if start == args.steps else ""))
     net = model
     if args.compile:
         net = torch.compile(net)
@@ -328,6 +365,17 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
         net = nn.parallel.DistributedDataParallel(net, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     log = RunLog(out_dir, dist, config)
     log.keep_until(start)
+    stage = os.path.basename(os.path.normpath(out_dir))
+    if dist.is_main:
+        n_params = sum(p.numel() for p in model.parameters())
+        size = f"{len(loader.ds)} samples {tuple(loader.ds.sample_shape)}" if hasattr(loader, "ds") else "data"
+        print(f"[{stage}] {type(model).__name__} {n_params / 1e6:.2f}M parameters ({sum(p.numel() for p in params) / 1e6:.2f}M "
+              f"trained) | {size} | steps {start}->{args.steps}, global batch {args.batch_size} | {device}, "
+              f"{amp if amp != 'none' else 'fp32'}{', compiled' if args.compile else ''}, {dist.world_size} process(es) | {out_dir}",
+              flush=True)
+        if args.warmup > args.steps:
+            print(f"[{stage}] warning: --warmup {args.warmup} is longer than --steps {args.steps}: the learning rate ends at "
+                  f"{args.lr * args.steps / args.warmup:.3g}, never reaching --lr {args.lr}", flush=True)
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
     ema_buffers, model_buffers = list(ema.buffers()), list(model.buffers())  # e.g. BatchNorm statistics
     loss_sum, n_sum, t0, saved = torch.zeros((), device=device), 0, time.time(), start
@@ -373,7 +421,7 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
                 rec["mfu"] = flops_per_image * img_s / (args.peak_tflops * 1e12 * dist.world_size)
             if device.type == "cuda":
                 rec["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-            log.log(rec)
+            log.log(rec, prefix=f"[{stage}] ", suffix=f" | ETA {_eta((args.steps - step - 1) * dt / n_sum)}")
             loss_sum, n_sum, t0 = torch.zeros((), device=device), 0, time.time()
             # at the first log step at or past each multiple of --ckpt-every (not only at common multiples of the two)
             if dist.is_main and ((step + 1) // args.ckpt_every > saved // args.ckpt_every or last):
@@ -396,19 +444,91 @@ def add_train_args(p, steps, batch_size, lr):
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint interval: at the first log step at or past each multiple")
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR/ckpt (the flags that shape the run must match)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run OUT_DIR holds (without it, such a folder is refused)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator bf16 peak for MFU (H100 SXM dense: 989)")
 
 
-def add_common_args(p):
-    p.add_argument("--data", default="shapes", help="shapes | cifar10 | cifar100 | tinyimagenet | a folder | a latents .safetensors")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--out-dir", default="runs/repcond")
+def add_common_args(p, out_dir, data=True):
+    """The flags every stage shares. out_dir: this script's and stage's own default folder (a stage never writes
+    into another's). data=False for stages that read their data from a checkpoint (they get --data as an override)."""
+    if data:
+        p.add_argument("--data", default="shapes", help="shapes | cifar10 | cifar100 | tinyimagenet | a folder | a latents .safetensors")
+        p.add_argument("--image-size", type=int, default=None, help="resize (ADM center crop) to this many pixels")
+        p.add_argument("--vae-path", default=None, help="SD VAE file: encode images to latents on the fly (else pixel space)")
+    else:
+        p.add_argument("--data", default=None, help="the data to use instead of the checkpoint's (the same sample shape)")
+        p.add_argument("--vae-path", default=None, help="the SD VAE to use instead of the checkpoint's")
+    p.add_argument("--out-dir", default=out_dir)
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="auto: bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on for CUDA)")
-    p.add_argument("--vae-path", default=None, help="SD VAE file: encode images to latents on the fly (else pixel space)")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's layout and shows every default, also of flags without a help text."""
+    def add_argument(self, action):
+        if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
+            action.help = "(default: %(default)s)"
+        super().add_argument(action)
+
+
+def parse_args(parser, argv=None):
+    """parser.parse_args, except that a flag given BEFORE the subcommand is handed to the subcommand: plain argparse
+    lets the subcommand's own default silently replace it (`x.py --steps 3 pretrain` ran 400,000 steps). A flag the
+    subcommand does not take is then refused by argparse, naming it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    i = 0
+    while sub is not None and i < len(argv):
+        tok = argv[i]
+        if tok in sub.choices:
+            if i > 0:
+                argv = [tok, *argv[:i], *argv[i + 1:]]
+            break
+        action = parser._option_string_actions.get(tok.split("=", 1)[0]) if tok.startswith("-") else None
+        i += 1
+        if action is not None and "=" not in tok:  # skip the flag's values
+            if action.nargs in ("+", "*"):
+                while i < len(argv) and not argv[i].startswith("-") and argv[i] not in sub.choices:
+                    i += 1
+            elif action.nargs is None or action.nargs == "?":
+                i += 1
+            elif isinstance(action.nargs, int):
+                i += action.nargs
+    return parser.parse_args(argv)
+
+
+def run(main, parser, argv=None):
+    """A script's entry point: parse (parse_args), run main(args), and turn a UserError into one `error: ...` line and
+    exit status 1, printed by rank 0 only (under torchrun every rank stops; one line says why)."""
+    try:
+        main(parse_args(parser, argv))
+    except UserError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+READS = ("ckpt", "ckpts", "teacher", "encoder_ckpt", "grid")  # flags naming a run's outputs that a stage reads
+
+
+def check_out_dir(args):
+    """A stage never writes into a folder it reads from: --out-dir must not be, or hold, the checkpoint (or grid)
+    it reads, else its config.json, metrics.json and ckpt/ would replace the ones it is reading."""
+    out = os.path.realpath(args.out_dir)
+    for name in READS:
+        paths = getattr(args, name, None)
+        for path in ([paths] if isinstance(paths, str) else paths or []):
+            real = os.path.realpath(path)
+            if real == out or real.startswith(out + os.sep):
+                raise UserError(f"--out-dir {args.out_dir} holds --{name.replace('_', '-')} {path}, which this stage reads: "
+                                f"its outputs would replace what it reads; pass another --out-dir")
+
+
+RESUMABLE = {"steps", "resume", "overwrite", "log_every", "ckpt_every", "device", "compile", "peak_tflops", "out_dir",
+             "snapshot_every", "no_progress", "workers"}  # flags a resumed run may change: they do not shape the run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,16 +562,47 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, steps=500, lr=1e
 
 
 INCEPTION_DIM = 2048  # clean-fid's Inception pool3 features
+INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's TorchScript Inception (the one StyleGAN2-ADA and EDM use)
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+INCEPTION_CACHE = "/tmp"  # where clean-fid looks for (and downloads) it
 
 
-def compute_fid(real, fake, work_dir, device, feature_extractor=None, dist=None):
+def inception(path, device, download=True):
+    """clean-fid's Inception feature network, from `path` (--inception-path, any file name) or clean-fid's cache,
+    downloaded there once if the network allows. Without either: one line that says where to get the file."""
+    from cleanfid.inception_torchscript import InceptionV3W
+    if path is None:
+        path = os.path.join(INCEPTION_CACHE, INCEPTION_FILE)
+        if not os.path.exists(path) and download:
+            try:
+                import urllib.request
+                os.makedirs(INCEPTION_CACHE, exist_ok=True)
+                with urllib.request.urlopen(INCEPTION_URL, timeout=30) as r, open(path + ".part", "wb") as f:
+                    shutil.copyfileobj(r, f)
+                os.replace(path + ".part", path)
+            except OSError:
+                pass
+        if not os.path.exists(path):
+            raise UserError(f"FID needs Inception weights ({INCEPTION_FILE}, 92 MB) and they are not in {INCEPTION_CACHE} nor "
+                            f"downloadable here: fetch {INCEPTION_URL} and pass --inception-path FILE")
+    elif not os.path.isfile(path):
+        raise UserError(f"--inception-path {path}: no such file (expected {INCEPTION_FILE}, from {INCEPTION_URL})")
+    with tempfile.TemporaryDirectory() as d:  # InceptionV3W reads <folder>/inception-2015-12-05.pt: a link of that name
+        os.symlink(os.path.abspath(path), os.path.join(d, INCEPTION_FILE))
+        try:
+            net = InceptionV3W(d, download=False, resize_inside=False)
+        except Exception as e:
+            raise UserError(f"--inception-path {path}: not clean-fid's TorchScript Inception ({type(e).__name__})") from None
+    return net.to(device).eval()
+
+
+def compute_fid(real, fake, work_dir, device, feature_extractor=None, dist=None, inception_path=None):
     """FID between two uint8 (N, 3, H, W) image sets through clean-fid (PNG folders, its "clean" resize).
 
-    feature_extractor=None uses clean-fid's Inception (weights are downloaded once by clean-fid); tests pass a small
+    feature_extractor=None uses clean-fid's Inception (`inception`: --inception-path or clean-fid's cache); tests pass a small
     module mapping (N, 3, 299, 299) floats in [0, 255] to (N, D) features. Each set needs more images than D (else its
     covariance is singular and the figure meaningless): refused in one line. Scratch PNGs go to a fresh folder under
     work_dir, removed afterwards. Under torchrun (dist), rank 0 computes and every rank returns its figure."""
-    import tempfile
     import numpy as np
     from PIL import Image
     from cleanfid import fid as cleanfid
@@ -468,7 +619,7 @@ def compute_fid(real, fake, work_dir, device, feature_extractor=None, dist=None)
         os.makedirs(work_dir, exist_ok=True)
         scratch = tempfile.mkdtemp(prefix="fid_", dir=work_dir)
         try:
-            model = feature_extractor or cleanfid.build_feature_extractor("clean", torch.device(device), use_dataparallel=False)
+            model = feature_extractor or inception(inception_path, device)
             stats = []
             for name, imgs in (("real", real), ("fake", fake)):
                 d = os.path.join(scratch, name)

@@ -100,6 +100,7 @@ def r(tmp_path_factory):
     torch.save({"pos_embed": Evil(s.marker), "x_embedder.proj.weight": torch.zeros(1)}, s.evil)
     # good runs: their folders are the --out-dir of the bad calls, which must leave them as they are
     s.rc_pre, s.rc_tune, s.dp, s.rf, s.dc, s.dc_cls = (p(n) for n in ("rc_pre", "rc_tune", "dp", "rf", "dc", "dc_cls"))
+    s.out = p("new_out")  # the --out-dir of stages that read a run: a stage never writes into a folder it reads
     call("repcond_dit", ["pretrain", "--data", s.img16, "--out-dir", s.rc_pre, *RC])
     call("repcond_dit", ["tune", "--ckpt", p("rc_pre", "ckpt"), "--out-dir", s.rc_tune, "--labels-per-class", "4", "--steps", "1",
                          "--batch-size", "8", "--log-every", "1", *CPU])
@@ -135,12 +136,13 @@ def tree(root):
 
 
 # (script, case) -> (argv, strings the one error line must hold); {name} stands for an attribute of the fixture `r`.
-# The --out-dir of every call is a good run's folder (or the latents file a good `vae.py encode` wrote).
-RC_CLS = ["classify", "--out-dir", "{rc_tune}", *CPU]
-DP_PROBE = ["probe", "--out-dir", "{dp}", *CPU]
+# The --out-dir of every training call is a good run's folder (or the latents file a good `vae.py encode` wrote);
+# stages that read a run write to {out}, a new folder (writing into the folder a stage reads is itself refused).
+RC_CLS = ["classify", "--out-dir", "{out}", *CPU]
+DP_PROBE = ["probe", "--out-dir", "{out}", *CPU]
 DC_CLS = ["classify", "--out-dir", "{dc_cls}", *DC]
-RF_FT = ["finetune", "--out-dir", "{rf}", *CPU]
-RF_DISTILL = ["distill", "--out-dir", "{rf}", *RF]
+RF_FT = ["finetune", "--out-dir", "{out}", *CPU]
+RF_DISTILL = ["distill", "--out-dir", "{out}", *RF]
 ENCODE = ["encode", "--out", "{latents}", *CPU]
 NOT_FIT = ["does not fit the model", "missing [", "unexpected ["]
 CASES = {
@@ -163,17 +165,17 @@ CASES = {
                                     ["{corrupt}/train/b/broken.png: cannot read image"]),
     ("diffusion_classifier", "corrupt_png"): ([*DC_CLS, "--ckpt", "{dc}/ckpt", "--data", "{corrupt}"],  # classifies the test split
                                               ["{corrupt}/test/b/broken.png: cannot read image"]),
-    ("repfusion", "corrupt_png"): ([*RF_FT, "--ckpt", "{rf}/ckpt", "--data-override", "{corrupt}"],
+    ("repfusion", "corrupt_png"): ([*RF_FT, "--ckpt", "{rf}/ckpt", "--data", "{corrupt}"],
                                    ["{corrupt}/train/b/broken.png: cannot read image"]),
     ("vae", "corrupt_png"): ([*ENCODE, "--data", "{corrupt}", "--vae-path", "{vae}"], ["{corrupt}/train/b/broken.png: cannot read image"]),
     # a checkpoint trained on 16px images, given 32px ones
-    ("repcond_dit", "wrong_size"): ([*RC_CLS, "--ckpt", "{rc_tune}/ckpt", "--data-override", "{img32}"],
+    ("repcond_dit", "wrong_size"): ([*RC_CLS, "--ckpt", "{rc_tune}/ckpt", "--data", "{img32}"],
                                     ["--data {img32}", "(3, 32, 32)", "{rc_tune}/ckpt was trained on (3, 16, 16)"]),
     ("ddae_probe", "wrong_size"): ([*DP_PROBE, "--ckpt", "{dp}/ckpt", "--data", "{img32}"],
                                    ["--data {img32}", "(3, 32, 32)", "the network takes (3, 16, 16)"]),
     ("diffusion_classifier", "wrong_size"): ([*DC_CLS, "--ckpt", "{dc}/ckpt", "--data", "{img32}"],
                                              ["--data {img32}", "(3, 32, 32)", "the denoiser takes (3, 16, 16)"]),
-    ("repfusion", "wrong_size"): ([*RF_FT, "--ckpt", "{rf}/ckpt", "--data-override", "{img32}"],
+    ("repfusion", "wrong_size"): ([*RF_FT, "--ckpt", "{rf}/ckpt", "--data", "{img32}"],
                                   ["--data {img32}", "(3, 32, 32)", "distilled on (3, 16, 16)"]),
     ("repfusion", "wrong_size_teacher"): ([*RF_DISTILL, "--teacher", "{dp}", "--data", "{img32}"],
                                           ["--data {img32}", "(3, 32, 32)", "the network takes (3, 16, 16)"]),
@@ -198,7 +200,7 @@ CASES = {
     # incompatible flags, a flag that only means something with another, an --out-dir that holds another run
     ("repcond_dit", "flags_label_budget"): (["tune", "--ckpt", "{rc_pre}/ckpt", "--labels-per-class", "2", "--labeled-fraction", "0.5",
                                              "--out-dir", "{rc_tune}", *CPU], ["exactly one of --labels-per-class and --labeled-fraction"]),
-    ("repcond_dit", "flags_encoder_ckpt"): (["pretrain", "--data", "{img16}", "--encoder-ckpt", "{rc_pre}/ckpt", "--out-dir", "{rc_pre}",
+    ("repcond_dit", "flags_encoder_ckpt"): (["pretrain", "--data", "{img16}", "--encoder-ckpt", "{rc_pre}/ckpt", "--out-dir", "{out}",
                                              *RC],
                                             ["--encoder-ckpt {rc_pre}/ckpt: only read with --freeze-encoder"]),
     ("ddae_probe", "flags_two_networks"): ([*DP_PROBE, "--ckpt", "{dp}/ckpt", "--dit-path", "{evil}"],

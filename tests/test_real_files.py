@@ -176,7 +176,7 @@ class _Batches:
 
 def _fit(out, argv, loss_scale=1.0):
     p = argparse.ArgumentParser()
-    training.add_common_args(p)
+    training.add_common_args(p, "runs/test")
     training.add_train_args(p, steps=25, batch_size=8, lr=1e-2)
     args = p.parse_args(["--device", "cpu", *argv])
     torch.manual_seed(0)

@@ -1,0 +1,141 @@
+"""The command line a researcher meets: nothing lost (a stage never writes into what it reads, a finished run is not
+silently replaced, --resume continues only the same run), nothing silently ignored (flags before the subcommand),
+and the same plumbing in every script."""
+import argparse
+import os
+
+import pytest
+import torch
+
+import data
+import ddae_probe
+import diffusion_classifier
+import repcond_dit
+import repfusion
+import training
+from data import UserError
+
+SCRIPTS = {"repcond_dit": repcond_dit, "ddae_probe": ddae_probe, "diffusion_classifier": diffusion_classifier,
+           "repfusion": repfusion}
+STAGES = {"repcond_dit": ["pretrain", "tune", "classify", "probe", "sample"],
+          "ddae_probe": ["pretrain", "probe", "align", "finetune", "noisy", "sample", "bench-grid"],
+          "diffusion_classifier": ["train", "classify", "bench"], "repfusion": ["distill", "finetune", "scratch"]}
+REQUIRED = {("repcond_dit", "tune"): ["--ckpt", "x"], ("repcond_dit", "classify"): ["--ckpt", "x"],
+            ("repcond_dit", "probe"): ["--ckpt", "x"], ("repcond_dit", "sample"): ["--ckpt", "x"],
+            ("repfusion", "distill"): ["--teacher", "x"], ("repfusion", "finetune"): ["--ckpt", "x"]}
+
+
+def test_default_output_folders_are_per_script_and_per_stage():
+    seen = {}
+    for name, mod in SCRIPTS.items():
+        for stage in STAGES[name]:
+            out = mod.build_parser().parse_args([stage, *REQUIRED.get((name, stage), [])]).out_dir
+            assert out not in seen, (name, stage, seen.get(out))
+            seen[out] = (name, stage)
+    assert repcond_dit.build_parser().parse_args(["tune", "--ckpt", "x"]).out_dir == "runs/repcond/tune"
+
+
+@pytest.mark.parametrize("name", ["repcond_dit", "repfusion", "ddae_probe", "diffusion_classifier"])
+def test_flags_before_the_subcommand_are_used(name):
+    stage = STAGES[name][0]
+    args = training.parse_args(SCRIPTS[name].build_parser(), ["--steps", "3", "--batch-size", "8", stage,
+                                                               *REQUIRED.get((name, stage), []), "--seed", "5"])
+    assert (args.cmd, args.steps, args.batch_size, args.seed) == (stage, 3, 8, 5)  # were the subcommand's defaults
+
+
+def test_a_flag_the_subcommand_does_not_take_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:  # --tune-steps belongs to the bare run only
+        training.parse_args(repcond_dit.build_parser(), ["--tune-steps", "5", "pretrain"])
+    assert e.value.code == 2 and "unrecognized arguments: --tune-steps 5" in capsys.readouterr().err
+
+
+def test_help_shows_every_default():
+    text = repcond_dit.build_parser()._subparsers._group_actions[0].choices["pretrain"].format_help()
+    assert "(default: 400000)" in text and "(default: runs/repcond/pretrain)" in text
+
+
+def test_a_stage_never_writes_into_the_folder_it_reads(tmp_path):
+    for argv in (["tune", "--ckpt", f"{tmp_path}/run/ckpt", "--out-dir", f"{tmp_path}/run", "--labels-per-class", "1"],
+                 ["classify", "--ckpt", f"{tmp_path}/run/ckpt", "--out-dir", f"{tmp_path}/run"]):
+        with pytest.raises(UserError, match=f"--out-dir {tmp_path}/run holds --ckpt {tmp_path}/run/ckpt, which this stage reads"):
+            repcond_dit.main(repcond_dit.build_parser().parse_args(argv))
+    with pytest.raises(UserError, match="holds --teacher"):
+        repfusion.main(repfusion.build_parser().parse_args(["distill", "--teacher", f"{tmp_path}/t", "--out-dir", f"{tmp_path}/t"]))
+    assert not os.listdir(tmp_path)  # nothing was written
+
+
+def pretrain(out, *extra):
+    return ddae_probe.main(ddae_probe.build_parser().parse_args(
+        ["pretrain", "--model", "tiny", "--ch", "8", "--image-size", "16", "--steps", "4", "--batch-size", "8", "--warmup", "0",
+         "--log-every", "2", "--ckpt-every", "2", "--device", "cpu", "--out-dir", str(out), *extra]))
+
+
+def test_a_finished_run_is_never_silently_replaced_and_resume_continues_only_the_same_run(tmp_path):
+    pretrain(tmp_path / "run")
+    before = {f: open(tmp_path / "run" / f, "rb").read() for f in ("log.jsonl", "config.json")}
+    ckpt = open(tmp_path / "run" / "ckpt" / "model.safetensors", "rb").read()
+    with pytest.raises(UserError, match="holds a run's checkpoint already: pass --resume to continue it, --overwrite"):
+        pretrain(tmp_path / "run", "--steps", "2")
+    with pytest.raises(UserError, match=r"--resume: --lr 0.01 \(the run has 0.0001\), --seed 3 \(the run has 0\) differ"):
+        pretrain(tmp_path / "run", "--resume", "--steps", "6", "--lr", "0.01", "--seed", "3")
+    with pytest.raises(UserError, match="--steps 2: the checkpoint in .* is at step 4 already"):
+        pretrain(tmp_path / "run", "--resume", "--steps", "2")
+    assert before == {f: open(tmp_path / "run" / f, "rb").read() for f in before}  # nothing of the run was touched
+    assert ckpt == open(tmp_path / "run" / "ckpt" / "model.safetensors", "rb").read()
+    pretrain(tmp_path / "run", "--resume", "--steps", "6")  # the same flags: continues
+    pretrain(tmp_path / "run", "--overwrite", "--steps", "2")  # said out loud: replaced
+    assert [line.count('"step"') for line in open(tmp_path / "run" / "log.jsonl")] == [1]
+
+
+def test_warm_up_longer_than_the_run_is_said(tmp_path, capsys):
+    pretrain(tmp_path / "run", "--warmup", "50")
+    assert "--warmup 50 is longer than --steps 4" in capsys.readouterr().out
+
+
+def test_torchrun_prints_an_error_once(tmp_path, monkeypatch, capsys):
+    def fail(args):
+        raise UserError("--data x: no such file")
+    for rank, printed in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            training.run(fail, argparse.ArgumentParser(), [])
+        assert e.value.code == 1 and ("error: --data x: no such file" in capsys.readouterr().err) == printed
+
+
+def test_files_are_written_with_the_users_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        net = torch.nn.Linear(2, 2)
+        training.save_checkpoint(str(tmp_path / "ckpt"), net, net, None, 1, {})
+        modes = {f: os.stat(tmp_path / "ckpt" / f).st_mode & 0o777 for f in os.listdir(tmp_path / "ckpt")}
+    finally:
+        os.umask(old)
+    assert modes and set(modes.values()) == {0o644}, modes
+
+
+def test_encoder_patch_size_is_checked_with_one_line(tmp_path):
+    with pytest.raises(UserError, match="--encoder ViT-XS/8: patch size 8 does not divide the input size 20"):
+        repcond_dit.main(repcond_dit.build_parser().parse_args(
+            ["pretrain", "--model", "DiT-XS/4", "--encoder", "ViT-XS/8", "--image-size", "20", "--steps", "1", "--device", "cpu",
+             "--out-dir", str(tmp_path / "x")]))
+
+
+class _FakeInception(torch.nn.Module):
+    """The interface of clean-fid's TorchScript Inception: .layers maps (N, 3, 299, 299) in [-1, 1] to 2048 features."""
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2048))
+
+    def forward(self, x, return_features: bool = False):
+        return self.layers(x)
+
+
+def test_fid_takes_inception_weights_from_a_file_and_says_where_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "INCEPTION_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match=r"FID needs Inception weights .*inception-2015-12-05\.pt.*--inception-path"):
+        training.inception(None, "cpu", download=False)
+    with pytest.raises(UserError, match="--inception-path .*missing.pt: no such file"):
+        training.inception(str(tmp_path / "missing.pt"), "cpu")
+    torch.jit.script(_FakeInception()).save(str(tmp_path / "my_inception.pt"))  # any file name
+    net = training.inception(str(tmp_path / "my_inception.pt"), "cpu")
+    assert net(torch.full((2, 3, 299, 299), 128.0)).shape == (2, 2048)
