@@ -421,7 +421,7 @@ def _list_files(path, split):
 # latents written by `vae.py encode`: one safetensors file per split
 
 
-def _load_latents(path, image_size=None):
+def _load_latents(path, image_size=None, split=None, flag="--test-data"):
     from safetensors import safe_open
     try:
         with safe_open(path, framework="pt") as f:
@@ -431,6 +431,10 @@ def _load_latents(path, image_size=None):
     if meta.get("format") != "repcond-latents-v1":
         raise UserError(f"{path}: not a latents file (metadata format is {meta.get('format')!r}, "
                         f"expected 'repcond-latents-v1' as written by `vae.py encode`)")
+    held = {"val": "test"}.get(meta.get("split"), meta.get("split"))
+    if split is not None and held is not None and held != split:  # one file, one split: never train and test on it both
+        raise UserError(f"{path}: a latents file holds one split, this one the {held} split; the {split} split is another "
+                        f"file (vae.py encode --split train test writes both): pass it with {flag}")
     keys = ("mean", "std", "mean_flip", "std_flip")
     missing = [k for k in keys if k not in t]
     if missing:
@@ -568,8 +572,10 @@ def _resolve(spec):
     return spec
 
 
-def load(spec, split="train", image_size=None):
-    """A data set by name ("shapes", "cifar10", "cifar100", "tinyimagenet") or path; see the module doc."""
+def load(spec, split="train", image_size=None, flag="--test-data"):
+    """A data set by name ("shapes", "cifar10", "cifar100", "tinyimagenet") or path; see the module doc. A latents
+    file holds the one split its metadata names; asking it for another is refused, naming `flag` (the stage's flag
+    for that split's file)."""
     split = _check_split(split)
     if image_size is not None and image_size < 1:
         raise UserError(f"--image-size {image_size}: expected a positive number of pixels")
@@ -577,7 +583,7 @@ def load(spec, split="train", image_size=None):
         return _load_shapes(split, image_size)
     path = _resolve(spec)
     if os.path.isfile(path) and path.endswith(".safetensors"):
-        return _load_latents(path, image_size)
+        return _load_latents(path, image_size, split, flag)
     if (listing := _list_files(path, split)) is not None:  # Tiny-ImageNet or an image folder
         files, labels, classes = listing
         return Dataset(_read_images(files, image_size), torch.tensor(labels) if labels is not None else None, classes)

@@ -14,7 +14,7 @@ average-pooled, are linearly separable. The best (layer, t) is found by a grid s
     python ddae_probe.py finetune --ckpt runs/x/ckpt --grid runs/x/probe/grid.json --out-dir runs/x/ft
     python ddae_probe.py noisy --ckpt runs/x/ckpt --grid runs/x/probe/grid.json --out-dir runs/x/noisy
     python ddae_probe.py sample --ckpts runs/x/ckpt_0050000 runs/x/ckpt_0100000 --fid --probe --out-dir runs/x/fvp
-    python ddae_probe.py probe --dit-path DiT-XL-2-256x256.pt --data cifar10 --image-size 256 --vae-path sd-vae.safetensors
+    python ddae_probe.py probe --ckpt DiT-XL-2-256x256.pt --data cifar10 --image-size 256 --vae-path sd-vae.safetensors
 
 Layer names (the probe grid's rows) follow the module paths, so `net.get_submodule(name)` is the block:
 `down.i` is the i-th block of the encoder path (res blocks, then a downsampler after every level but the
@@ -321,6 +321,7 @@ def pretrain(args):
         args.ema_decay = 0.9993 if args.objective == "edm" else 0.9999
     torch.manual_seed(args.seed)  # initial weights: the same on every rank (fit starts the per-rank streams)
     ds = data.load(args.data, "train", args.image_size)
+    test = data.load(args.test_data or args.data, "test", args.image_size)  # before training: a missing split stops nothing
     space = Space(ds, args.vae_path, dist.device, resolve_amp(args.amp, dist.device))
     C, H, W = space.sample_shape
     div = 2 ** (len(UNet_models[args.model]["ch_mult"]) - 1)
@@ -365,7 +366,6 @@ def pretrain(args):
             shutil.rmtree(snap, ignore_errors=True)
             shutil.copytree(os.path.join(args.out_dir, "ckpt"), snap)
     seconds = time.time() - t0
-    test = data.load(args.data, "test", args.image_size)
     loss = eval_loss(ema.eval(), obj, space, test, dist.device, seed=args.seed)
     metrics = {"eval_loss": loss, "objective": args.objective, "model": args.model, "steps": args.steps,
                "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "train_s": seconds}
@@ -380,15 +380,13 @@ def _unet_config(kw):
 
 
 def load_backbone(args, dist):
-    """--ckpt (a ddae_probe pretrain folder or a repcond_dit DiT folder) or --dit-path (official DiT .pt)
+    """--ckpt: a ddae_probe pretrain folder, a repcond_dit DiT folder, or an official DiT .pt file (as in every script)
     -> (frozen net in eval mode, objective, Space, train set, test set, config)."""
     device = dist.device
-    if getattr(args, "dit_path", None) and getattr(args, "ckpt", None):
-        raise UserError(f"--ckpt {args.ckpt} and --dit-path {args.dit_path}: give one network, not both")
-    if getattr(args, "dit_path", None):
-        net = DiTBackbone(load_dit(args.dit_path, device))
+    if getattr(args, "ckpt", None) and os.path.isfile(args.ckpt):
+        net = DiTBackbone(load_dit(args.ckpt, device))
         cfg = dict(arch="dit", objective="ddpm", T=1000, beta_range=[1e-4, 0.02], data=None, image_size=None, vae_path=None)
-        ident = args.dit_path
+        ident = args.ckpt
     elif getattr(args, "ckpt", None):
         d = find_checkpoint(args.ckpt)
         cfg = load_json(os.path.join(d, "config.json"))
@@ -401,16 +399,16 @@ def load_backbone(args, dist):
             raise UserError(f"{d}/config.json: neither a ddae_probe nor a repcond_dit checkpoint")
         ident = os.path.join(d, "ema.safetensors")
     else:
-        raise UserError("pass --ckpt CKPT_DIR (a pretrain run's OUT_DIR/ckpt) or --dit-path DiT.pt")
+        raise UserError("pass --ckpt: a pretrain run (OUT_DIR or OUT_DIR/ckpt) or an official DiT .pt file")
     net = net.to(device).eval().requires_grad_(False)
     if device.type == "cuda" and isinstance(net, UNet):
         net = net.to(memory_format=torch.channels_last)
     spec = args.data or cfg.get("data")
     if spec is None:
-        raise UserError("--dit-path needs --data (a latents .safetensors, or images with --vae-path)")
+        raise UserError("an official DiT file needs --data (a latents .safetensors, or images with --vae-path)")
     image_size = args.image_size or cfg.get("image_size")
     train = data.load(spec, "train", image_size)
-    if train.latents is not None and not args.test_data:
+    if train.latents is not None and not args.test_data:  # (older latents files do not name their split)
         raise UserError(f"--data {spec} is a latents file (one split): pass the test split's file with --test-data")
     test = data.load(args.test_data or spec, "test", image_size)
     if train.classes and test.labels is not None:  # test label i must mean the training split's class i
@@ -502,7 +500,7 @@ def probe(args):
                "layers": layers, "t": levels, "grid_s": grid_s, **timing}
     if dist.is_main:
         os.makedirs(args.out_dir, exist_ok=True)
-        RunLog(args.out_dir, dist, dict(stage="probe", ckpt=args.ckpt or args.dit_path, args=vars(args))).metrics(metrics)
+        RunLog(args.out_dir, dist, dict(stage="probe", ckpt=args.ckpt, args=vars(args))).metrics(metrics)
         save_json(os.path.join(args.out_dir, "grid.json"), {"layers": layers, "t": levels, "t_means": metrics["t_means"],
                                                             "accuracy": acc.tolist(), "raw_pixel_acc": raw, "chance": 1.0 / K,
                                                             "best": {"layer": layers[i], "t": levels[j], "accuracy": float(acc[i, j])}})
@@ -539,8 +537,8 @@ def align(args):
     correlation of each metric with the probe accuracy over the grid's cells (negative: lower loss, higher acc)."""
     dist = setup_distributed(args.device)
     net, obj, space, train, _, cfg = load_backbone(args, dist)
-    if args.n and args.n < len(train):
-        train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.n])
+    if args.n_images and args.n_images < len(train):
+        train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.n_images])
     grid = load_json(args.grid) if args.grid else None
     layers = _check_layers(net, args.layers or (grid["layers"] if grid else None))
     levels = obj.check_levels(args.t or (grid["t"] if grid else obj.default_levels()))
@@ -760,10 +758,10 @@ def _ckpt_step(ckpt):
 
 def sample_one(ckpt, out_dir, args, dist, feature_extractor=None):
     """Samples of one UNet checkpoint (DDPM ancestral / DDIM, or EDM Heun), a PNG grid, and FID on --fid."""
-    net, obj, space, _, test, cfg = load_backbone(argparse.Namespace(**dict(vars(args), ckpt=ckpt, dit_path=None)), dist)
+    net, obj, space, _, test, cfg = load_backbone(argparse.Namespace(**dict(vars(args), ckpt=ckpt)), dist)
     if not isinstance(net, UNet):
         raise UserError(f"--ckpt {ckpt}: sample needs a ddae_probe UNet checkpoint")
-    n, amp = args.n_fid if args.fid else args.n, resolve_amp(args.amp, dist.device)
+    n, amp = args.n_fid if args.fid else args.n_images, resolve_amp(args.amp, dist.device)
     g = torch.Generator(device=dist.device).manual_seed(args.seed)
     out = []
     for s in range(0, n, args.batch_size):
@@ -805,7 +803,7 @@ def sample(args, feature_extractor=None):
         out = args.out_dir if len(ckpts) == 1 else os.path.join(args.out_dir, f"ckpt{i}")
         r = sample_one(ck, out, args, dist, feature_extractor)
         if args.probe:
-            pm = probe(argparse.Namespace(**dict(vars(args), ckpt=ck, dit_path=None, out_dir=os.path.join(out, "probe"))))
+            pm = probe(argparse.Namespace(**dict(vars(args), ckpt=ck, out_dir=os.path.join(out, "probe"))))
             r.update({k: pm[k] for k in ("probe_best_acc", "probe_best_layer", "probe_best_t", "raw_pixel_acc")})
         rows.append(r)
         if dist.is_main:
@@ -841,7 +839,7 @@ def bench_grid(ckpt=None, dit_path=None, data_spec=None, t=None, layers=None, la
     Both give the same accuracies (checked: max_abs_acc_diff). -> dict with grid_s, naive_s, ratio, cells."""
     argv = ["probe", "--device", device, "--seed", str(seed), "--views", str(views), "--probe-epochs", str(probe_epochs),
             "--batch-size", str(batch_size), "--labels-per-class", str(labels_per_class), "--n-test", str(n_test)]
-    argv += ["--ckpt", ckpt] if ckpt else ["--dit-path", dit_path]
+    argv += ["--ckpt", ckpt or dit_path]
     argv += ["--data", data_spec] if data_spec else []
     argv += ["--t", *map(str, t)] if t else []
     argv += ["--layers", *layers] if layers else []
@@ -904,9 +902,8 @@ def add_backbone_args(q, stage, batch=True):
     """What every evaluation stage reads: the network, the data, the labeled subset."""
     add_common_args(q, f"runs/ddae/{stage}")
     q.set_defaults(data=None)
-    q.add_argument("--ckpt", default=None, help="a pretrain checkpoint folder (OUT_DIR/ckpt), ddae_probe or repcond_dit")
-    q.add_argument("--dit-path", default=None, help="an official DiT .pt (raw state dict), used with the null label")
-    q.add_argument("--test-data", default=None, help="the test split's spec when it is a different file (latents)")
+    q.add_argument("--ckpt", default=None, help="a pretrain run (OUT_DIR or OUT_DIR/ckpt) of ddae_probe or repcond_dit, or an "
+                                                 "official DiT .pt file (used with the null label)")
     q.add_argument("--labels-per-class", type=int, default=None, help="probe/fine-tune on a class-balanced subset")
     q.add_argument("--n-test", type=int, default=0, help="evaluate on a random subset of the test split (0: all)")
     if batch:
@@ -973,7 +970,7 @@ def build_parser():
     q.add_argument("--t", type=float, nargs="+", default=None)
     q.add_argument("--layers", nargs="+", default=None)
     q.add_argument("--grid", default=None, help="a probe run's grid.json: its layers, t and accuracies")
-    q.add_argument("--n", type=int, default=1000, help="training images used (label-free)")
+    q.add_argument("--n-images", type=int, default=1000, help="training images used (label-free)")
 
     q = sub.add_parser("finetune", help="truncate at a layer, fixed t, clean input, train end to end; vs scratch")
     add_backbone_args(q, "finetune", batch=False)
@@ -999,7 +996,7 @@ def build_parser():
     add_probe_args(q)
     q.set_defaults(batch_size=128)
     q.add_argument("--ckpts", nargs="+", default=None, help="several checkpoints (e.g. pretrain --snapshot-every)")
-    q.add_argument("--n", type=int, default=64)
+    q.add_argument("--n-images", type=int, default=64, help="images generated (without --fid)")
     q.add_argument("--fid", action="store_true", help="FID (clean-fid) against the test split")
     q.add_argument("--inception-path", default=None, help=f"FID's Inception weights ({INCEPTION_FILE}; default: clean-fid's cache)")
     q.add_argument("--n-fid", type=int, default=50_000)
@@ -1008,10 +1005,9 @@ def build_parser():
     q.add_argument("--sample-steps", type=int, default=None, help="default: T ancestral steps (ddpm), 18 Heun steps (edm)")
 
     q = sub.add_parser("bench-grid", help="time the batched grid against one run per cell (writes bench_grid.json)")
-    add_common_args(q, "runs/ddae/bench-grid")
+    add_common_args(q, "runs/ddae/bench-grid", test=False)
     q.set_defaults(data=None)
     q.add_argument("--ckpt", default=None)
-    q.add_argument("--dit-path", default=None)
     q.add_argument("--t", type=float, nargs="+", default=None)
     q.add_argument("--layers", nargs="+", default=None)
     q.add_argument("--labels-per-class", type=int, default=20)
@@ -1021,7 +1017,7 @@ def build_parser():
 
 
 def _bench_cmd(args):
-    r = bench_grid(args.ckpt, args.dit_path, args.data, args.t, args.layers, args.labels_per_class, args.n_test, args.views,
+    r = bench_grid(args.ckpt, None, args.data, args.t, args.layers, args.labels_per_class, args.n_test, args.views,
                    device=args.device, seed=args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     save_json(os.path.join(args.out_dir, "bench_grid.json"), r)

@@ -668,7 +668,7 @@ def resolve_data(args, den, cfg, device):
     if spec is None:
         raise UserError("--data is required with an official DiT file: a latents .safetensors (vae.py encode) or images with --vae-path")
     image_size = args.image_size or cfg.get("image_size")
-    test = data.load(spec, args.split, image_size)
+    test = data.load(spec, args.split, image_size, flag=f"--data (this stage classifies --split {args.split})")
     if test.labels is None:
         raise UserError(f"--data {spec}: classification needs labels")
     if den.named:  # data label i means the data's class i: map it to the denoiser's class of that name (or wnid)
@@ -687,10 +687,10 @@ def resolve_data(args, den, cfg, device):
             vds = data.load(args.val_data, "train", image_size)
             val, note = vds.subset(torch.randperm(len(vds), generator=g)[:args.n_val]), f"{args.val_data} (--val-data)"
         elif cfg.get("val_indices") and spec == cfg.get("data"):
-            tr = data.load(spec, "train", image_size)
+            tr = data.load(spec, "train", image_size, flag="--val-data")
             val, note = tr.subset(torch.tensor(cfg["val_indices"][:args.n_val])), "train-split images held out from training"
         else:
-            tr = data.load(spec, "train", image_size)
+            tr = data.load(spec, "train", image_size, flag="--val-data")
             if _same_data(tr, test):  # a single file or folder: hold images out of the test set instead
                 perm = torch.randperm(len(test), generator=g)
                 val, avail = test.subset(perm[:args.n_val]), perm[args.n_val:].sort().values
@@ -710,10 +710,10 @@ def resolve_data(args, den, cfg, device):
 def stage_args(args):
     """(n_samples, to_keep) of the paper schedule from the flags; the grid size M is max(n_samples)."""
     if args.t:
-        n_samples = args.n_samples or [len(args.t) * args.n_trials]
+        n_samples = args.n_samples or [len(args.t) * args.n_noise]
     else:
-        if args.n_trials != 1:
-            raise UserError("--n-trials needs an explicit --t list (the stratified grid has one noise per timestep)")
+        if args.n_noise != 1:
+            raise UserError("--n-noise needs an explicit --t list (the stratified grid has one noise per timestep)")
         n_samples = args.n_samples or [50, 500]
     to_keep = args.to_keep or ([5, 1] if args.n_samples is None and not args.t else [1] * len(n_samples))
     if args.to_keep is None and len(n_samples) > 1 and args.n_samples is not None:
@@ -837,7 +837,7 @@ def classify(args):
     test, avail, val, val_note, space = resolve_data(args, den, cfg, dist.device)
     betas = getattr(den, "betas", (1e-4, 0.02))
     diffusion = Diffusion(den.T, beta_start=betas[0], beta_end=betas[1], device=dist.device)
-    grid = timestep_grid(den.T, max(stage_args(args)[0]), args.t, args.n_trials)
+    grid = timestep_grid(den.T, max(stage_args(args)[0]), args.t, args.n_noise)
     M, K = len(grid), den.num_classes
     alive0 = None
     if args.classes:
@@ -907,6 +907,7 @@ def train(args):
     compile_default(args, dist)
     torch.manual_seed(args.seed)  # initial weights: the same on every rank (fit starts the per-rank streams)
     ds = data.load(args.data, "train", args.image_size)
+    test = data.load(args.test_data or args.data, "test", args.image_size)  # before training: a missing split stops nothing
     if ds.labels is None or not ds.classes:
         raise UserError(f"--data {args.data}: training a class-conditional model needs labels")
     space = Space(ds, args.vae_path, dist.device, resolve_amp(args.amp, dist.device))
@@ -931,7 +932,6 @@ def train(args):
         return diffusion_loss(net, diffusion, space.sample_z0(x, args.seed, step, dist), step, args.seed, dist, y=y,
                               class_dropout=args.class_dropout)
     model, ema = fit(model, loss_fn, loader, args, dist, args.out_dir, cfg, flops_per_image=flops)
-    test = data.load(args.data, "test", args.image_size)
     loss = eval_loss(ema, space, test, diffusion, dist.device, seed=args.seed)
     metrics = {"eval_loss": loss, "steps": args.steps, "n_train": len(train_idx), "n_val_held_out": n_val}
     RunLog(args.out_dir, dist).metrics(metrics)
@@ -1038,7 +1038,7 @@ def pipeline(args):
                         *(["--overwrite"] if args.overwrite else [])]))
     t_train = time.time() - t_start
     cls = ["--ckpt", f"{out}/train/ckpt", *common, "--n-test", str(args.n_test),
-           "--n-val", str(args.n_val), "--n-samples", str(args.n_samples), "--batch-size", "50", "--loss", args.loss]
+           "--n-val", str(args.n_val), "--n-samples", *map(str, args.n_samples), "--batch-size", "50", "--loss", args.loss]
     r_auto = classify(p.parse_args(["classify", "--out-dir", f"{out}/classify", "--schedule", "auto", *cls]))
     r_full = classify(p.parse_args(["classify", "--out-dir", f"{out}/classify_full", "--schedule", "full", "--save-errors",
                                     "--calibration", f"{out}/classify/calibration.json", *cls]))
@@ -1083,7 +1083,7 @@ def pipeline(args):
 
 
 def add_classify_args(q):
-    add_common_args(q, "runs/dc/classify")
+    add_common_args(q, "runs/dc/classify", test=False)
     q.add_argument("--ckpt", default=None, help="checkpoint folder (train / repcond_dit.py tune / ddae_probe.py) or official DiT .pt")
     q.set_defaults(data=None)
     q.add_argument("--split", default="test", help="split of --data to classify")
@@ -1093,7 +1093,7 @@ def add_classify_args(q):
                    help="cumulative (t, eps) samples per stage; the largest is the grid size M (default 50 500)")
     q.add_argument("--to-keep", type=int, nargs="+", default=None, help="classes kept after each stage (default 5 1)")
     q.add_argument("--t", type=int, nargs="+", default=None, help="explicit timesteps instead of the stratified grid (DC0: --t 500 --target x0)")
-    q.add_argument("--n-trials", type=int, default=1, help="noise draws per timestep (each its own slot)")
+    q.add_argument("--n-noise", type=int, default=1, help="noise draws per timestep (each its own slot; the official n_trials)")
     q.add_argument("--schedule", default="paper", choices=["paper", "full", "auto"],
                    help="paper: --n-samples/--to-keep (+ --seq-alpha); full: every slot for every class; auto: chosen on --n-val images")
     q.add_argument("--seq-alpha", type=float, default=0.0, help="sequential paired t-test level (0: off)")
@@ -1128,7 +1128,7 @@ def build_parser():
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--n-val", type=int, default=200, help="pipeline: held-out training images (calibration, auto schedule)")
     p.add_argument("--n-test", type=int, default=300, help="pipeline: test images classified")
-    p.add_argument("--n-samples", type=int, default=16, help="pipeline: grid size M")
+    p.add_argument("--n-samples", type=int, nargs="+", default=[16], help="pipeline: --n-samples of classify (the largest: the grid size M)")
     p.add_argument("--loss", default="l2", choices=["l2", "l1", "huber"])
     sub = p.add_subparsers(dest="cmd")
     sub.add_parser = partial(sub.add_parser, formatter_class=HelpFormatter)
@@ -1149,7 +1149,7 @@ def build_parser():
     q.add_argument("--out-dir", required=True)
 
     q = sub.add_parser("bench", help="img/s: batched (+ bf16 + compile) vs one class at a time, random-weight DiT")
-    add_common_args(q, "runs/dc/bench")
+    add_common_args(q, "runs/dc/bench", test=False)
     q.add_argument("--model", default="DiT-B/2", choices=sorted(DiT_models))
     q.add_argument("--latent-shape", type=int, nargs=2, default=[4, 32], help="channels, size")
     q.add_argument("--num-classes", type=int, default=1000)

@@ -66,6 +66,7 @@ def pretrain(args):
     compile_default(args, dist)
     torch.manual_seed(args.seed)  # initial weights: the same on every rank (fit starts the per-rank streams)
     ds = data.load(args.data, "train", args.image_size)
+    test = data.load(args.test_data or args.data, "test", args.image_size)  # before training: a missing split stops nothing
     space = Space(ds, args.vae_path, dist.device, resolve_amp(args.amp, dist.device))
     cfg = dict(stage="pretrain", model=args.model, encoder=args.encoder, rep_dim=args.rep_dim, inject=args.inject, cond=args.cond,
                sample_shape=list(space.sample_shape), num_classes=0, learn_sigma=False, T=args.T, data=args.data,
@@ -101,7 +102,6 @@ def pretrain(args):
     def loss_fn(net, x, y, step):
         return diffusion_loss(net, diffusion, space.sample_z0(x, args.seed, step, dist), step, args.seed, dist)
     model, ema = fit(model, loss_fn, loader, args, dist, args.out_dir, cfg, flops_per_image=flops)
-    test = data.load(args.data, "test", args.image_size)
     loss = eval_denoise_loss(ema, space, test, diffusion, dist.device, seed=args.seed)
     metrics = {"eval_loss": loss, "cond": args.cond, "inject": args.inject if args.cond == "rep" else None, "steps": args.steps}
     RunLog(args.out_dir, dist).metrics(metrics)
@@ -204,7 +204,7 @@ def classify(args):
     if cfg.get("num_classes", 0) <= 0:
         raise UserError(f"--ckpt {args.ckpt}: classify needs a label-conditioned checkpoint (run `tune` first)")
     K = cfg["num_classes"]
-    test = data.load(args.data or cfg["data"], "test", cfg.get("image_size"))
+    test = data.load(args.test_data or args.data or cfg["data"], "test", cfg.get("image_size"))
     if test.labels is None:
         raise UserError("classify needs a labeled test split")
     # label i of the data must mean the tuned model's class i: match by name
@@ -266,7 +266,7 @@ def probe(args):
     if model.encoder is None:
         raise UserError(f"--ckpt {args.ckpt}: probe needs a checkpoint with an encoder (a `pretrain --cond rep` run)")
     labeled = data.labeled_subset(ds, labels_per_class=args.labels_per_class, fraction=args.labeled_fraction, seed=args.seed)
-    test = data.load(args.data or cfg["data"], "test", cfg.get("image_size"))
+    test = data.load(args.test_data or args.data or cfg["data"], "test", cfg.get("image_size"))
     ftr, fte = encoder_features(model, space, labeled, dist.device), encoder_features(model, space, test, dist.device)
     acc = linear_probe(ftr, labeled.labels.to(dist.device), fte, test.labels.to(dist.device), len(ds.classes))
     metrics = {"probe_accuracy": acc, "n_labeled": len(labeled), "chance": 1 / len(ds.classes)}
@@ -282,8 +282,8 @@ def sample(args):
     dist = setup_distributed(args.device)
     model, cfg, ds, space = load_run(args.ckpt, dist.device, args.vae_path, args.data, kinds=("dit",))
     diffusion = Diffusion(cfg["T"], device=dist.device)
-    test = data.load(args.data or cfg["data"], "test", cfg.get("image_size"))
-    n = args.n_fid if args.fid else args.n
+    test = data.load(args.test_data or args.data or cfg["data"], "test", cfg.get("image_size"))
+    n = args.n_fid if args.fid else args.n_images
     g = torch.Generator(device=dist.device).manual_seed(args.seed)
     den, enc = model.denoiser, model.encoder
     real_all = []
@@ -307,12 +307,12 @@ def sample(args):
         else:
             eps_fn = (lambda x, t: den(x, t)[:, :x.shape[1]])
         with autocast(resolve_amp(args.amp, dist.device), dist.device):
-            z = sample_loop(eps_fn, shape, diffusion, args.sample_steps, args.sampler, dist.device, g,
+            z = sample_loop(eps_fn, shape, diffusion, args.sample_steps or diffusion.T, args.sampler, dist.device, g,
                             clip=1.0 if space.kind == "pixel" else None)
         samples.append(z.float())
     z = torch.cat(samples)
     images = space.decode(z)
-    metrics = {"n": n, "sampler": args.sampler, "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale}
+    metrics = {"n": n, "sampler": args.sampler, "sample_steps": args.sample_steps or diffusion.T, "cfg_scale": args.cfg_scale}
     os.makedirs(args.out_dir, exist_ok=True)
     if images is None:
         save_file({"samples": z.cpu()}, os.path.join(args.out_dir, "samples.safetensors"))
@@ -395,7 +395,7 @@ def build_parser():
     q.add_argument("--no-augment", action="store_true")
 
     q = sub.add_parser("tune", help="replace representation conditioning by labels; fine-tune on a few labels", allow_abbrev=False)
-    add_common_args(q, "runs/repcond/tune", data=False)
+    add_common_args(q, "runs/repcond/tune", data=False, test=False)
     add_train_args(q, steps=20_000, batch_size=256, lr=1e-4)
     q.add_argument("--ckpt", required=True, help="a pretrain checkpoint folder (OUT_DIR/ckpt)")
     q.add_argument("--labels-per-class", type=int, default=None, help="labeled images per class (or --labeled-fraction)")
@@ -424,10 +424,10 @@ def build_parser():
     q = sub.add_parser("sample", help="DDPM/DDIM samples, grid PNG, FID", allow_abbrev=False)
     add_common_args(q, "runs/repcond/sample", data=False)
     q.add_argument("--ckpt", required=True)
-    q.add_argument("--n", type=int, default=64)
+    q.add_argument("--n-images", type=int, default=64, help="images generated (without --fid)")
     q.add_argument("--batch-size", type=int, default=64)
-    q.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
-    q.add_argument("--sample-steps", type=int, default=50)
+    q.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ddpm: ancestral (as DDPM and DiT), ddim: eta 0")
+    q.add_argument("--sample-steps", type=int, default=None, help="default: T (the full chain); DiT's sample.py uses 250")
     q.add_argument("--cfg-scale", type=float, default=1.0)
     q.add_argument("--fid", action="store_true", help="FID (clean-fid, Inception) against the test split")
     q.add_argument("--inception-path", default=None, help=f"FID's Inception weights ({INCEPTION_FILE}; default: clean-fid's cache)")

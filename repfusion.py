@@ -666,7 +666,7 @@ def train_classifier(args, init=None):
     ds = data.load(spec, "train", image_size)
     if ds.labels is None or not ds.classes:
         raise UserError(f"--data {spec}: fine-tuning needs a labeled data set")
-    test = data.load(spec, "test", image_size)
+    test = data.load(args.test_data or spec, "test", image_size)
     sub, _ = label_budget(ds, args.labels_per_class, args.labeled_fraction, args.seed)
     student_name, width = (dcfg["student"], dcfg["width"]) if dcfg else (args.student, args.width)
     if dcfg and list(ds.sample_shape) != list(dcfg["sample_shape"]):
@@ -806,7 +806,7 @@ def build_parser():
     sub.add_parser = partial(sub.add_parser, formatter_class=HelpFormatter)
 
     q = sub.add_parser("distill", help="distil the teacher's features into the student (with the t policy)")
-    add_common_args(q, "runs/repfusion/distill")
+    add_common_args(q, "runs/repfusion/distill", test=False)
     add_train_args(q, steps=78_000, batch_size=128, lr=1e-3)  # 200 epochs of CIFAR-10 at batch 128
     q.add_argument("--teacher", required=True, help="a ddae_probe.py or repcond_dit.py checkpoint folder")
     q.add_argument("--teacher-layer", default=None,

@@ -226,8 +226,10 @@ def save_checkpoint(ckpt_dir, model, ema=None, optimizer=None, step=0, config=No
 
 
 def find_checkpoint(ckpt_dir):
-    """The checkpoint folder to read: ckpt_dir, or the .old copy a crash mid-swap left behind."""
-    for d in (ckpt_dir, ckpt_dir + ".old"):
+    """The checkpoint folder to read: ckpt_dir, the run folder's ckpt/ (a run folder is accepted as its checkpoint
+    everywhere), or the .old copy a crash mid-swap left behind."""
+    inner = os.path.join(ckpt_dir, "ckpt")
+    for d in (ckpt_dir, ckpt_dir + ".old", inner, inner + ".old"):
         if os.path.isfile(os.path.join(d, "model.safetensors")) and os.path.isfile(os.path.join(d, "config.json")):
             return d
     if os.path.isfile(ckpt_dir):
@@ -449,9 +451,10 @@ def add_train_args(p, steps, batch_size, lr):
     p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator bf16 peak for MFU (H100 SXM dense: 989)")
 
 
-def add_common_args(p, out_dir, data=True):
+def add_common_args(p, out_dir, data=True, test=True):
     """The flags every stage shares. out_dir: this script's and stage's own default folder (a stage never writes
-    into another's). data=False for stages that read their data from a checkpoint (they get --data as an override)."""
+    into another's). data=False for stages that read their data from a checkpoint (they get --data as an override);
+    test=False for stages that never read a test split (no --test-data)."""
     if data:
         p.add_argument("--data", default="shapes", help="shapes | cifar10 | cifar100 | tinyimagenet | a folder | a latents .safetensors")
         p.add_argument("--image-size", type=int, default=None, help="resize (ADM center crop) to this many pixels")
@@ -459,6 +462,8 @@ def add_common_args(p, out_dir, data=True):
     else:
         p.add_argument("--data", default=None, help="the data to use instead of the checkpoint's (the same sample shape)")
         p.add_argument("--vae-path", default=None, help="the SD VAE to use instead of the checkpoint's")
+    if test:
+        p.add_argument("--test-data", default=None, help="the test split's file when the data is one split's (a latents file)")
     p.add_argument("--out-dir", default=out_dir)
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")
     p.add_argument("--seed", type=int, default=0)

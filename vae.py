@@ -384,7 +384,7 @@ def load(path, device=None, dtype=None, scaling_factor=None):
 
 
 def _autocast(device, amp):
-    enabled = amp == "bf16" and device.type == "cuda"  # bf16 autocast on CPU is slower and less exact
+    enabled = amp in ("auto", "bf16") and device.type == "cuda"  # bf16 autocast on CPU is slower and less exact
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
@@ -590,7 +590,7 @@ def cmd_recon(args):
     device = _device(args.device)
     model = load(args.vae_path, device=device, scaling_factor=args.scaling_factor)
     ds = _load_images(args, args.split, model)
-    idx = torch.linspace(0, len(ds) - 1, min(args.n, len(ds))).round().long().unique()  # spread over the set
+    idx = torch.linspace(0, len(ds) - 1, min(args.n_images, len(ds))).round().long().unique()  # spread over the set
     x = ds.images[idx]
     rec = []
     for i in range(0, len(x), args.batch_size):
@@ -635,7 +635,8 @@ def parse_args(argv=None):
         s.add_argument("--scaling-factor", type=float, default=None, help="default 0.18215 (SDXL: 0.13025)")
         s.add_argument("--batch-size", type=int, default=64 if name == "encode" else 16)
         s.add_argument("--device", default=None, help="default cuda if available, else cpu")
-        s.add_argument("--amp", choices=["bf16", "none"], default="bf16", help="autocast on CUDA (ignored on CPU)")
+        s.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
+                       help="auto: bf16 autocast on CUDA, fp32 on the CPU (as every script; never fp16: SD VAEs overflow)")
         if name == "encode":
             s.add_argument("--out", required=True, help="latents .safetensors file to write")
             s.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage dtype")
@@ -643,7 +644,7 @@ def parse_args(argv=None):
                            help="torch.compile the encoder (default: on CUDA only)")
         else:
             s.add_argument("--out-dir", required=True)
-            s.add_argument("--n", type=int, default=16, help="number of images in the grid and the PSNR")
+            s.add_argument("--n-images", type=int, default=16, help="number of images in the grid and the PSNR")
     return p.parse_args(argv)
 
 

@@ -139,3 +139,29 @@ def test_fid_takes_inception_weights_from_a_file_and_says_where_to_get_them(tmp_
     torch.jit.script(_FakeInception()).save(str(tmp_path / "my_inception.pt"))  # any file name
     net = training.inception(str(tmp_path / "my_inception.pt"), "cpu")
     assert net(torch.full((2, 3, 299, 299), 128.0)).shape == (2, 2048)
+
+
+def _latents_file(path, split, n=8):
+    import json
+    from safetensors.torch import save_file
+    mean = torch.randn(n, 4, 4, 4)
+    save_file({"mean": mean, "std": torch.ones_like(mean) * 0.1, "mean_flip": mean.flip(3), "std_flip": torch.ones_like(mean) * 0.1,
+               "labels": torch.arange(n) % 2}, str(path),
+              metadata={"format": "repcond-latents-v1", "scaling_factor": "0.18215", "image_size": "32", "split": split,
+                        "classes": json.dumps(["a", "b"]), "source": "test"})
+    return str(path)
+
+
+def test_a_latents_file_is_one_split_and_a_stage_asks_for_the_other_by_flag(tmp_path):
+    train, test = _latents_file(tmp_path / "c_train.safetensors", "train", 8), _latents_file(tmp_path / "c_test.safetensors", "test", 6)
+    with pytest.raises(UserError, match="holds one split, this one the train split; the test split is another file .* --test-data"):
+        data.load(train, "test")
+    argv = ["pretrain", "--data", train, "--model", "DiT-XS/4", "--encoder", "ViT-XS/4", "--rep-dim", "8", "--steps", "2",
+            "--batch-size", "4", "--device", "cpu", "--out-dir", str(tmp_path / "pre")]
+    with pytest.raises(UserError, match="pass it with --test-data"):  # refused before any training, not after it
+        repcond_dit.main(repcond_dit.build_parser().parse_args(argv))
+    assert not os.path.exists(tmp_path / "pre" / "ckpt")
+    m = repcond_dit.main(repcond_dit.build_parser().parse_args([*argv, "--test-data", test]))
+    assert m["steps"] == 2
+    with pytest.raises(SystemExit):  # a stage that does not read a test split does not offer the flag
+        diffusion_classifier.build_parser().parse_args(["classify", "--ckpt", "x", "--data", train, "--test-data", test])

@@ -115,7 +115,7 @@ def test_edm_loss_falls_probe_in_sigma_and_heun_samples(tmp_path):
     p = run(["probe", "--ckpt", str(out / "ckpt"), "--out-dir", str(tmp_path / "p"), *SMALL, "--t", "0.06", "1.5",
              "--layers", "mid", "up.0", "--views", "1", "--probe-epochs", "3"])
     assert p["t_means"] == "sigma" and p["probe_best_t"] in (0.06, 1.5)
-    s = run(["sample", "--ckpt", str(out / "ckpt"), "--out-dir", str(tmp_path / "s"), "--n", "4", "--sample-steps", "4",
+    s = run(["sample", "--ckpt", str(out / "ckpt"), "--out-dir", str(tmp_path / "s"), "--n-images", "4", "--sample-steps", "4",
              "--device", "cpu"])
     assert s["objective"] == "edm" and (tmp_path / "s" / "samples.png").exists()
 
@@ -210,7 +210,7 @@ def test_bench_grid_is_faster_than_one_run_per_cell_and_agrees(ddpm_run):
 
 def test_align_metrics_are_bounded_and_ranked_against_the_grid(ddpm_run, tmp_path):
     out, _, _ = ddpm_run
-    m = run(["align", "--ckpt", str(out / "ckpt"), "--grid", str(out / "probe" / "grid.json"), "--n", "64",
+    m = run(["align", "--ckpt", str(out / "ckpt"), "--grid", str(out / "probe" / "grid.json"), "--n-images", "64",
              "--out-dir", str(tmp_path), "--device", "cpu"])
     a = json.load(open(tmp_path / "align.json"))
     A, U = torch.tensor(a["alignment"]), torch.tensor(a["uniformity"])
@@ -285,7 +285,7 @@ def test_dit_path_official_raw_state_dict_gives_per_block_features(tmp_path):
         torch.nn.init.normal_(p, std=0.05)
     torch.save(dit.state_dict(), tmp_path / "dit.pt")  # the release's format: a raw state dict
     _latents_file(str(tmp_path / "lat.safetensors"))
-    args = dp.build_parser().parse_args(["probe", "--dit-path", str(tmp_path / "dit.pt"), "--data", str(tmp_path / "lat.safetensors"),
+    args = dp.build_parser().parse_args(["probe", "--ckpt", str(tmp_path / "dit.pt"), "--data", str(tmp_path / "lat.safetensors"),
                                          "--test-data", str(tmp_path / "lat.safetensors"), "--device", "cpu"])
     dist = training.setup_distributed("cpu")
     net, obj, space, train, test, _ = dp.load_backbone(args, dist)
@@ -295,17 +295,17 @@ def test_dit_path_official_raw_state_dict_gives_per_block_features(tmp_path):
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0])
     with torch.no_grad():  # unconditional use of a class-conditional DiT: the null label
         assert torch.allclose(net(x, t), dit(x, t, y=torch.full((2,), 10))[:, :4], atol=1e-6)
-    m = run(["probe", "--dit-path", str(tmp_path / "dit.pt"), "--data", str(tmp_path / "lat.safetensors"), "--test-data",
+    m = run(["probe", "--ckpt", str(tmp_path / "dit.pt"), "--data", str(tmp_path / "lat.safetensors"), "--test-data",
              str(tmp_path / "lat.safetensors"), "--t", "10", "500", "--views", "2", "--probe-epochs", "3",
              "--out-dir", str(tmp_path / "p"), "--device", "cpu"])
     assert m["layers"] == ["blocks.0", "blocks.1", "blocks.2"] and m["chance"] == 0.25
-    ft = run(["finetune", "--dit-path", str(tmp_path / "dit.pt"), "--data", str(tmp_path / "lat.safetensors"), "--test-data",
+    ft = run(["finetune", "--ckpt", str(tmp_path / "dit.pt"), "--data", str(tmp_path / "lat.safetensors"), "--test-data",
               str(tmp_path / "lat.safetensors"), "--layer", "blocks.1", "--t", "50", "--steps", "3", "--batch-size", "8",
               "--labels-per-class", "5", "--log-every", "1", "--out-dir", str(tmp_path / "ft"), "--device", "cpu"])
     assert 0 <= ft["finetune_acc"] <= 1 and 0 <= ft["scratch_acc"] <= 1
     assert not any(k.startswith("trunk.dit.blocks.2") for k in load_file(tmp_path / "ft" / "scratch" / "ckpt" / "model.safetensors"))
     with pytest.raises(UserError, match="--test-data"):  # a latents file holds one split
-        run(["probe", "--dit-path", str(tmp_path / "dit.pt"), "--data", str(tmp_path / "lat.safetensors"), "--device", "cpu"])
+        run(["probe", "--ckpt", str(tmp_path / "dit.pt"), "--data", str(tmp_path / "lat.safetensors"), "--device", "cpu"])
 
 
 def test_a_repcond_dit_checkpoint_is_probed_per_block(tmp_path):

@@ -315,9 +315,9 @@ def test_resume_and_shards_give_the_results_of_one_run(trained, tmp_path, monkey
 def test_dc0_single_timestep_x0_error(trained, tmp_path):
     args = classify_args(trained, tmp_path / "dc0")
     i = args.index("--n-samples")
-    m = run(args[:i] + args[i + 2:] + ["--t", "300", "--target", "x0", "--n-trials", "2"])
+    m = run(args[:i] + args[i + 2:] + ["--t", "300", "--target", "x0", "--n-noise", "2"])
     assert m["nfe_per_image"] == 20 and m["t_grid"] == [300, 300] and m["target"] == "x0"
-    with pytest.raises(UserError, match="--n-trials needs an explicit --t"):
-        run(classify_args(trained, tmp_path / "bad", "--n-trials", "2"))
+    with pytest.raises(UserError, match="--n-noise needs an explicit --t"):
+        run(classify_args(trained, tmp_path / "bad", "--n-noise", "2"))
     with pytest.raises(UserError, match="--shard"):
         run(classify_args(trained, tmp_path / "bad2", "--shard", "2/2"))

@@ -227,13 +227,13 @@ def test_fid_is_near_zero_for_the_same_set_and_larger_for_noise(tmp_path):
 
 
 def test_sample_with_labels_and_cfg_writes_a_grid(tuned):
-    m = run(["sample", "--ckpt", str(tuned.dir / "tune" / "ckpt"), "--out-dir", str(tuned.dir / "samples"), "--n", "8",
+    m = run(["sample", "--ckpt", str(tuned.dir / "tune" / "ckpt"), "--out-dir", str(tuned.dir / "samples"), "--n-images", "8",
              "--sample-steps", "5", "--cfg-scale", "2", "--sampler", "ddpm", "--device", "cpu"])
     assert (tuned.dir / "samples" / "samples.png").exists() and m["n"] == 8
 
 
 def test_sample_conditioned_on_representations(tuned):
-    run(["sample", "--ckpt", str(tuned.dir / "pre" / "ckpt"), "--out-dir", str(tuned.dir / "rsamples"), "--n", "4",
+    run(["sample", "--ckpt", str(tuned.dir / "pre" / "ckpt"), "--out-dir", str(tuned.dir / "rsamples"), "--n-images", "4",
          "--sample-steps", "5", "--device", "cpu"])
     assert (tuned.dir / "rsamples" / "samples.png").exists()
 

@@ -338,7 +338,7 @@ def test_cli_encode(tiny, image_folder, tmp_path, layout, dtype):
 
 def test_cli_recon(tiny, image_folder, tmp_path):
     from PIL import Image
-    r = run_cli("recon", "--data", image_folder, "--vae-path", tiny["ldm_path"], "--out-dir", tmp_path, "--n", 6)
+    r = run_cli("recon", "--data", image_folder, "--vae-path", tiny["ldm_path"], "--out-dir", tmp_path, "--n-images", 6)
     assert r.returncode == 0, r.stderr
     assert "PSNR" in r.stdout
     psnr = json.load(open(tmp_path / "metrics.json"))["psnr"]
