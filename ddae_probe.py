@@ -37,14 +37,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import data
 from data import UserError
 from training import (add_common_args, add_train_args, autocast, check_out_dir, cleanup_distributed, compile_default,
                       compute_fid, Dist, draw_global, find_checkpoint, fit, gather_by_index, HelpFormatter, INCEPTION_FILE,
-                      load_json, load_torch, load_weights, resolve_amp, run, RunLog, save_curve, save_heatmap, save_image_grid,
-                      save_json, setup_distributed, step_generator)
+                      load_json, load_torch, load_weights, Progress, resolve_amp, run, RunLog, save_curve, save_heatmap,
+                      save_image_grid, save_json, save_safetensors, setup_distributed, step_generator)
 from models import (build_model, DiT_models, FinalLayer, GlobalDropout, load_dit, make_objective, mem_format, timestep_embedding,
                     UNet, UNet_models, unpatchify)
 from vae import Space
@@ -222,8 +221,7 @@ class FeatureCache:
                 if (f.metadata() or {}).get("key") == self.key:
                     return {name: f.get_tensor(name) for name in f.keys()}
         feats = compute()
-        save_file({n: v.contiguous().cpu() for n, v in feats.items()}, path + ".tmp", metadata={"key": self.key})
-        os.replace(path + ".tmp", path)
+        save_safetensors(feats, path, {"key": self.key})
         return feats
 
 
@@ -451,6 +449,7 @@ def run_grid(net, obj, space, train, test, layers, levels, args, dist, cache=Non
     cache = cache or FeatureCache(None, "")
     ytr, yte = train.labels.to(dist.device), test.labels.to(dist.device)
     acc, t_ext, t_heads = np.zeros((len(layers), len(levels))), 0.0, 0.0
+    bar = Progress("probe grid", len(levels), dist, every=0.0) if len(layers) * len(levels) > 1 else None
     for j, level in enumerate(levels):
         t0 = time.time()
         tr = [cache.get("train", level, v, partial(extract_features, net, obj, space, train, level, layers, args.seed, dist,
@@ -461,6 +460,7 @@ def run_grid(net, obj, space, train, test, layers, levels, args, dist, cache=Non
         acc[:, j] = train_linear_heads([[f[n].to(dist.device) for n in layers] for f in tr], ytr, [te[n].to(dist.device) for n in layers],
                                        yte, len(train.classes), args.probe_epochs, args.probe_lr, args.probe_batch_size, args.seed).numpy()
         t_ext, t_heads = t_ext + t1 - t0, t_heads + time.time() - t1
+        bar and bar.update(1, f" | t = {level:g}: best layer {layers[int(acc[:, j].argmax())]} {acc[:, j].max():.3f}")
     return acc, {"extract_s": t_ext, "heads_s": t_heads}
 
 
@@ -777,7 +777,9 @@ def sample_one(ckpt, out_dir, args, dist, feature_extractor=None):
     if images is None:
         raise UserError("latent samples need --vae-path to be decoded")
     if dist.is_main:
-        save_image_grid(images[:64], os.path.join(out_dir, "samples.png"))
+        classes = cfg.get("classes") or [str(k) for k in range(net.num_classes)]
+        captions = [classes[k % net.num_classes] for k in range(min(64, n))] if net.num_classes else None
+        save_image_grid(images[:64], os.path.join(out_dir, "samples.png"), captions=captions)
     if args.fid:
         real = test.images[:n] if test.images is not None else \
             data.to_uint8(space.decode(test.latents["mean"][:n].to(dist.device) * test.scaling_factor))

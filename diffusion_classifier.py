@@ -41,13 +41,14 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import data
 from data import UserError
 from training import (accuracy_f1, add_common_args, add_train_args, autocast, check_out_dir, cleanup_distributed,
-                      compile_default, find_checkpoint, fit, HelpFormatter, load_json, load_weights, resolve_amp, run, RunLog,
-                      save_curve, save_heatmap, save_json, setup_distributed, transformer_flops_per_image)
+                      compile_default, find_checkpoint, fit, HelpFormatter, load_json, load_weights, Progress, resolve_amp, run,
+                      RunLog, save_curve, save_heatmap, save_json, save_safetensors, setup_distributed,
+                      transformer_flops_per_image)
 from models import build_model, Diffusion, diffusion_loss, DiT, DiT_models, load_dit, UNet
 from vae import Space
 
@@ -801,8 +802,7 @@ def calibrate(args, err_fn, space, val, grid, K, alive0, policy, dist, log=print
         os.makedirs(args.out_dir, exist_ok=True)
         if E is not None and e_file is None:
             e_file = os.path.join(args.out_dir, "val_errors.safetensors")
-            save_file({"E": E.cpu().contiguous(), "labels": yv.cpu()}, e_file + ".tmp")
-            os.replace(e_file + ".tmp", e_file)
+            save_safetensors({"E": E, "labels": yv}, e_file)
         if e_file is not None:
             new["val_errors"] = os.path.relpath(e_file, os.path.abspath(args.out_dir))
         save_json(os.path.join(args.out_dir, "calibration.json"), new)
@@ -814,7 +814,9 @@ def calibrate(args, err_fn, space, val, grid, K, alive0, policy, dist, log=print
 def _sharded_images(err_fn, space, ds, policy, M, K, args, stream, alive0, dist):
     """Run a policy over a whole (validation) data set, images split over torchrun ranks, results on every rank."""
     mine = [i for i in range(len(ds)) if i % dist.world_size == dist.rank]
-    r = classify_images(err_fn, space, ds, mine, policy, M, K, args.seed, stream, args.batch_size, alive0, dist.device)
+    bar = Progress("calibrate" if stream == 1 else "validate", len(mine), dist)
+    r = classify_images(err_fn, space, ds, mine, policy, M, K, args.seed, stream, args.batch_size, alive0, dist.device,
+                        on_batch=lambda ib, r, sec: bar.update(len(ib)))
     if dist.world_size == 1:
         return r
     out, rows = {}, torch.tensor(mine, dtype=torch.long, device=dist.device)
@@ -882,10 +884,11 @@ def classify(args):
         f"shard {si}/{sn}: {len(mine)} images, {len(mine) - len(todo)} already done")
     labels = test.labels
 
+    bar = Progress("classify", len(todo), dist, every=0.0 if args.progress else float("inf"))
+
     def on_batch(ib, r, sec):
         append_atomic(path, result_lines(ib, labels[torch.tensor(ib)], r, sec, args.save_errors))
-        if args.progress:
-            log(f"  {len(ib)} images, {r['nfe'].float().mean():.1f} passes/image, {len(ib) / sec:.2f} img/s", flush=True)
+        bar.update(len(ib), f" | {r['nfe'].float().mean():.1f} passes/image, {len(ib) / sec:.2f} img/s")
     classify_images(err_fn, space, test, todo, policy, M, K, args.seed, 0, args.batch_size, alive0, dist.device,
                     on_batch=on_batch, keep_E=False)
     if dist.world_size > 1:

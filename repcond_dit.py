@@ -29,14 +29,14 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 import data
 from data import UserError
 from training import (accuracy_f1, add_common_args, add_train_args, autocast, check_out_dir, cleanup_distributed,
                       compile_default, compute_fid, find_checkpoint, fit, gather_by_index, HelpFormatter, INCEPTION_FILE,
-                      linear_probe, load_json, load_state_dict_strict, load_weights, resolve_amp, run, RunLog, save_curve,
-                      save_heatmap, save_image_grid, save_json, setup_distributed, step_generator, transformer_flops_per_image)
+                      linear_probe, load_json, load_state_dict_strict, load_weights, Progress, resolve_amp, run, RunLog,
+                      save_curve, save_heatmap, save_image_grid, save_json, save_safetensors, setup_distributed, step_generator,
+                      transformer_flops_per_image)
 from models import build_model, Diffusion, diffusion_loss, DiT_models, load_run, sample_loop, ViT_models
 from vae import Space
 
@@ -186,6 +186,7 @@ def dc0_sweep(model, space, ds, diffusion, ts, n_noise, seed, dist, batch_size, 
     """Errors (len(ts), N, K) of DC0 on a data set, sharded over ranks."""
     K, N = model.denoiser.num_classes, len(ds)
     out = torch.zeros(len(ts), N, K, device=dist.device)
+    bar = Progress("classify", len(ts) * N, dist)
     for i, t in enumerate(ts):
         rows = [torch.zeros(0, K, device=dist.device)]  # a rank may get no images
         idxs = [torch.zeros(0, dtype=torch.long, device=dist.device)]
@@ -193,6 +194,7 @@ def dc0_sweep(model, space, ds, diffusion, ts, n_noise, seed, dist, batch_size, 
             g = step_generator(seed + 7919 * t, int(idx[0]), dist.device)  # noise depends on (seed, t, first index)
             rows.append(dc0_errors(model, diffusion, space.encode(x, generator=False), t, K, n_noise, g, max_batch))
             idxs.append(idx.to(dist.device))
+            bar.update(len(idx) * dist.world_size, f" | t = {t}")
         out[i] = gather_by_index(torch.cat(rows), torch.cat(idxs), N, dist)
     return out
 
@@ -315,11 +317,14 @@ def sample(args):
     metrics = {"n": n, "sampler": args.sampler, "sample_steps": args.sample_steps or diffusion.T, "cfg_scale": args.cfg_scale}
     os.makedirs(args.out_dir, exist_ok=True)
     if images is None:
-        save_file({"samples": z.cpu()}, os.path.join(args.out_dir, "samples.safetensors"))
+        save_safetensors({"samples": z}, os.path.join(args.out_dir, "samples.safetensors"))
         print("latent samples saved; pass --vae-path to decode them to images")
     else:
         if dist.is_main:
-            save_image_grid(images[:64], os.path.join(args.out_dir, "samples.png"))
+            classes = cfg.get("classes") or [str(k) for k in range(den.num_classes)]
+            captions = [classes[k % den.num_classes] for k in range(min(64, n))] if den.num_classes > 0 else \
+                [f"r of test {k % len(test)}" for k in range(min(64, n))] if enc is not None else None
+            save_image_grid(images[:64], os.path.join(args.out_dir, "samples.png"), captions=captions)
         if args.fid:
             real = test.images[:n] if test.images is not None else data.to_uint8(space.decode(test.latents["mean"][:n].to(dist.device) * test.scaling_factor))
             metrics["fid"] = compute_fid(real, data.to_uint8(images), args.out_dir, dist.device, dist=dist,

@@ -201,6 +201,19 @@ def umask_mode(path):
     os.chmod(path, 0o666 & ~mask)
 
 
+def save_safetensors(tensors, path, metadata=None):
+    """A safetensors file written aside and renamed into place (a crash never leaves half a file), with the mode the
+    user's umask asks for (safetensors itself creates 0600 files)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_checkpoint(ckpt_dir, model, ema=None, optimizer=None, step=0, config=None, extra=None):
     """Write model/EMA weights (safetensors), optimizer + step + RNG (torch.save of tensors and plain
     containers) and config.json into ckpt_dir atomically: a sibling .tmp folder is filled, then swapped in,
@@ -290,6 +303,24 @@ class RunLog:
 
 # ----------------------------------------------------------------------------------------------
 # The training loop and the flags every script shares
+
+
+class Progress:
+    """A progress line for long evaluations (rank 0): `[name] done/total (pct) | elapsed | ETA`, at most every
+    `every` seconds and at the end."""
+    def __init__(self, name, total, dist=None, every=10.0):
+        self.name, self.total, self.done, self.every = name, total, 0, every
+        self.main = dist is None or dist.is_main
+        self.t0 = self.last = time.time()
+
+    def update(self, n=1, note=""):
+        self.done += n
+        now = time.time()
+        if self.main and (now - self.last >= self.every or self.done >= self.total):
+            rate = self.done / max(now - self.t0, 1e-9)
+            print(f"[{self.name}] {self.done}/{self.total} ({100 * self.done / max(1, self.total):.0f}%) | "
+                  f"{_eta(now - self.t0)} elapsed | ETA {_eta((self.total - self.done) / max(rate, 1e-9))}{note}", flush=True)
+            self.last = now
 
 
 def _eta(seconds):
@@ -647,59 +678,142 @@ def compute_fid(real, fake, work_dir, device, feature_extractor=None, dist=None,
 # Pictures, drawn with pillow: image grids, heat maps, curves
 
 
-def _font():
+def _font(size=13):
     from PIL import ImageFont
-    return ImageFont.load_default()
+    return ImageFont.load_default(size=size)
 
 
-def save_image_grid(images, path, nrow=8):
-    """images: uint8 (N, C, H, W) or float in [-1, 1] -> one PNG grid."""
-    data.save_grid(images if images.dtype == torch.uint8 else data.to_uint8(images), path, nrow=min(nrow, len(images)))
+def _text_size(draw, text, font):
+    x0, y0, x1, y1 = draw.textbbox((0, 0), str(text), font=font)
+    return x1 - x0, y1 - y0
 
 
-def save_heatmap(matrix, path, row_labels, col_labels, title="", fmt="{:.2f}"):
-    """A labelled heat map (confusion matrices, probe grids) drawn with pillow."""
+def _vertical_text(text, font, fill="black"):
+    """A text rotated 90 degrees (read bottom to top), as an RGBA image: column labels of any length."""
+    from PIL import Image, ImageDraw
+    w, h = _text_size(ImageDraw.Draw(Image.new("RGB", (1, 1))), text, font)
+    img = Image.new("RGBA", (w + 4, h + 6), (255, 255, 255, 0))
+    ImageDraw.Draw(img).text((2, 0), str(text), fill=fill, font=font)
+    return img.rotate(90, expand=True)
+
+
+def save_image_grid(images, path, nrow=8, captions=None):
+    """images: uint8 (N, C, H, W) or float in [-1, 1] -> one PNG grid; small images are enlarged (nearest) to at
+    least 64 px so a person can see them; captions: one text per image (its class), drawn under it."""
+    from PIL import Image, ImageDraw
+    images = (images if images.dtype == torch.uint8 else data.to_uint8(images)).cpu()
+    n, c, h, w = images.shape
+    scale = max(1, 64 // max(h, w))
+    nrow, font = min(nrow, n), _font(11)
+    cap_h = 16 if captions else 0
+    cw, ch = w * scale + 4, h * scale + 4 + cap_h
+    rows = (n + nrow - 1) // nrow
+    grid = Image.new("RGB", (nrow * cw, rows * ch), "white")
+    draw = ImageDraw.Draw(grid)
+    for k in range(n):
+        r, q = divmod(k, nrow)
+        arr = images[k].expand(3, -1, -1) if c == 1 else images[k]
+        tile = Image.fromarray(arr.permute(1, 2, 0).numpy()).resize((w * scale, h * scale), Image.NEAREST)
+        grid.paste(tile, (q * cw + 2, r * ch + 2))
+        if captions:
+            text = str(captions[k])
+            while len(text) > 1 and _text_size(draw, text, font)[0] > cw - 2:
+                text = text[:-1]
+            draw.text((q * cw + 2, r * ch + h * scale + 4), text, fill="black", font=font)
+    grid.save(path)
+
+
+def save_heatmap(matrix, path, row_labels, col_labels, title="", fmt=None, vmin=None, vmax=None):
+    """A labelled heat map (confusion matrices, probe grids, t histograms) drawn with pillow: full row and (vertical)
+    column labels, every cell's value, and a colour bar. The colour scale runs from vmin (default: 0 for data that is
+    never negative, so a grid of accuracies does not paint its lowest cell white) to vmax (default: the maximum);
+    fmt (default: 3 significant digits) formats the cell values."""
     from PIL import Image, ImageDraw
     m = np.asarray(matrix, dtype=np.float64)
     R, C = m.shape
-    cell, left, top = 44, 8 + 7 * max(len(str(s)) for s in row_labels), 40 + 7 * max(len(str(s)) for s in col_labels) // 2
-    img = Image.new("RGB", (left + C * cell + 10, top + R * cell + 10), "white")
-    d, font = ImageDraw.Draw(img), _font()
-    d.text((left, 4), title, fill="black", font=font)
-    lo, hi = np.nanmin(m), np.nanmax(m)
+    finite = m[np.isfinite(m)]
+    lo = vmin if vmin is not None else (0.0 if finite.size and finite.min() >= 0 else (finite.min() if finite.size else 0.0))
+    hi = vmax if vmax is not None else (finite.max() if finite.size else 1.0)
+    fmt = fmt or "{:.3g}"
+    font, small = _font(13), _font(11)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    cell = max(40, max(_text_size(probe, fmt.format(v), small)[0] for v in m.flat) + 8) if m.size else 40
+    left = 12 + max(_text_size(probe, r, font)[0] for r in row_labels)
+    col_imgs = [_vertical_text(c, font) for c in col_labels]
+    top = 30 + max(im.height for im in col_imgs)
+    width = max(left + C * cell + 90, 20 + _text_size(probe, title, font)[0])
+    img = Image.new("RGB", (width, top + R * cell + 20), "white")
+    d = ImageDraw.Draw(img)
+    d.text((8, 6), title, fill="black", font=font)
+
+    def colour(v):
+        t = 0.0 if not np.isfinite(v) or hi == lo else min(1.0, max(0.0, (v - lo) / (hi - lo)))
+        return (int(255 * (1 - 0.85 * t)), int(255 * (1 - 0.55 * t)), 255)
+    for j, im in enumerate(col_imgs):
+        img.paste(im, (left + j * cell + (cell - im.width) // 2, top - im.height - 4), im)
     for i in range(R):
-        d.text((4, top + i * cell + cell // 2 - 5), str(row_labels[i]), fill="black", font=font)
+        d.text((6, top + i * cell + cell // 2 - 7), str(row_labels[i]), fill="black", font=font)
         for j in range(C):
-            v = 0.0 if hi == lo else (m[i, j] - lo) / (hi - lo)
-            colour = (int(255 * (1 - v)), int(255 * (1 - 0.6 * v)), 255)
-            d.rectangle([left + j * cell, top + i * cell, left + (j + 1) * cell - 1, top + (i + 1) * cell - 1], fill=colour)
-            d.text((left + j * cell + 3, top + i * cell + cell // 2 - 5), fmt.format(m[i, j]), fill="black", font=font)
-    for j in range(C):
-        d.text((left + j * cell + 3, 22), str(col_labels[j])[:7], fill="black", font=font)
+            v = m[i, j]
+            box = [left + j * cell, top + i * cell, left + (j + 1) * cell - 1, top + (i + 1) * cell - 1]
+            d.rectangle(box, fill=colour(v), outline=(225, 225, 225))
+            text = fmt.format(v) if np.isfinite(v) else "-"
+            tw, th = _text_size(d, text, small)
+            d.text((box[0] + (cell - tw) // 2, box[1] + (cell - th) // 2 - 2), text,
+                   fill="white" if colour(v)[0] < 110 else "black", font=small)
+    bx, by, bh = left + C * cell + 18, top, R * cell
+    for y in range(bh):  # the colour bar: hi at the top, lo at the bottom
+        d.line([bx, by + y, bx + 14, by + y], fill=colour(hi - (hi - lo) * y / max(1, bh - 1)))
+    d.text((bx + 18, by - 2), fmt.format(hi), fill="black", font=small)
+    d.text((bx + 18, by + bh - 12), fmt.format(lo), fill="black", font=small)
     img.save(path)
 
 
+def _nice_ticks(lo, hi, n=5):
+    """About n round tick values covering [lo, hi]."""
+    span = hi - lo if hi > lo else abs(hi) or 1.0
+    step = 10 ** math.floor(math.log10(span / n))
+    step *= next(k for k in (1, 2, 2.5, 5, 10) if span / (step * k) <= n)
+    return [lo + 0 * step] if step == 0 else [t * step for t in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
 def save_curve(xs, series, path, xlabel="", ylabel="", title=""):
-    """Line plot of one or more series {name: ys} over xs, drawn with pillow."""
+    """Line plot of one or more series {name: ys} over xs, drawn with pillow: round y ticks with grid lines, an x tick
+    at every point (thinned when crowded), the legend outside the frame, on the right."""
     from PIL import Image, ImageDraw
-    W, H, pad = 520, 360, 50
+    font, small = _font(13), _font(11)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    legend_w = 24 + max([_text_size(probe, name, small)[0] for name in series] or [0])
+    W, H, pad_l, pad_t, pad_b = 560 + legend_w, 380, 70, 40, 56
+    pad_r = legend_w + 20
     img = Image.new("RGB", (W, H), "white")
-    d, font = ImageDraw.Draw(img), _font()
+    d = ImageDraw.Draw(img)
     ys_all = [y for ys in series.values() for y in ys if y is not None and math.isfinite(y)]
-    lo, hi = (min(ys_all), max(ys_all)) if ys_all else (0, 1)
-    hi = hi if hi > lo else lo + 1
+    lo, hi = (min(ys_all), max(ys_all)) if ys_all else (0.0, 1.0)
+    margin = 0.06 * (hi - lo) if hi > lo else (abs(hi) * 0.1 or 1.0)
+    lo, hi = lo - margin, hi + margin
     x_lo, x_hi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
 
     def pt(x, y):
-        return pad + (x - x_lo) / (x_hi - x_lo) * (W - 2 * pad), H - pad - (y - lo) / (hi - lo) * (H - 2 * pad)
-    d.rectangle([pad, pad, W - pad, H - pad], outline="black")
-    d.text((pad, 10), title, fill="black", font=font)
-    d.text((W // 2 - 20, H - 20), xlabel, fill="black", font=font)
-    d.text((4, pad - 20), ylabel, fill="black", font=font)
-    d.text((4, pad), f"{hi:.3g}", fill="black", font=font)
-    d.text((4, H - pad - 10), f"{lo:.3g}", fill="black", font=font)
+        return pad_l + (x - x_lo) / (x_hi - x_lo) * (W - pad_l - pad_r), H - pad_b - (y - lo) / (hi - lo) * (H - pad_t - pad_b)
+    for t in _nice_ticks(lo, hi):
+        y = pt(x_lo, t)[1]
+        d.line([pad_l, y, W - pad_r, y], fill=(230, 230, 230))
+        label = f"{t:.4g}"
+        d.text((pad_l - 6 - _text_size(d, label, small)[0], y - 7), label, fill="black", font=small)
+    d.rectangle([pad_l, pad_t, W - pad_r, H - pad_b], outline="black")
+    d.text((pad_l, 10), title, fill="black", font=font)
+    d.text(((pad_l + W - pad_r) // 2 - _text_size(d, xlabel, font)[0] // 2, H - 22), xlabel, fill="black", font=font)
+    d.text((8, pad_t - 26), ylabel, fill="black", font=font)
+    last = -1e9
     for x in xs:
-        d.text((pt(x, lo)[0] - 8, H - pad + 4), f"{x:g}", fill="black", font=font)
+        px = pt(x, lo)[0]
+        label = f"{x:g}"
+        tw = _text_size(d, label, small)[0]
+        if px - tw / 2 > last + 4:  # skip labels that would overlap the previous one
+            d.text((px - tw / 2, H - pad_b + 6), label, fill="black", font=small)
+            last = px + tw / 2
+        d.line([px, H - pad_b, px, H - pad_b + 4], fill="black")
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
     for k, (name, ys) in enumerate(series.items()):
         c = colours[k % len(colours)]
@@ -708,5 +822,7 @@ def save_curve(xs, series, path, xlabel="", ylabel="", title=""):
             d.line(pts, fill=c, width=2)
         for p in pts:
             d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=c)
-        d.text((W - pad - 110, pad + 6 + 14 * k), name, fill=c, font=font)
+        ly = pad_t + 8 + 18 * k
+        d.line([W - pad_r + 10, ly + 7, W - pad_r + 22, ly + 7], fill=c, width=3)
+        d.text((W - pad_r + 26, ly), name, fill="black", font=small)
     img.save(path)

@@ -15,7 +15,6 @@ full Stable Diffusion checkpoints (`first_stage_model.` prefix) and infers the c
 """
 import argparse
 import json
-import math
 import os
 import pickle
 import re
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 import data
 from data import UserError
-from training import autocast, draw_global, step_generator, strip_wrapper_prefixes
+from training import autocast, draw_global, save_image_grid, save_safetensors, step_generator, strip_wrapper_prefixes
 
 LATENTS_FORMAT = "repcond-latents-v1"
 
@@ -547,7 +546,6 @@ def cmd_encode(args):
     # no channels_last: with GroupNorm between the convs it measured 23% slower (H100, bf16, 256 px)
     model = load(args.vae_path, device=device, scaling_factor=args.scaling_factor)
     compile = device.type == "cuda" if args.compile is None else args.compile  # compiling costs 30-90 s on CPU
-    from safetensors.torch import save_file
     for split in splits:
         ds = _load_images(args, split, model)
         tensors = encode_images(model, ds.images, args.batch_size, args.amp, getattr(torch, args.dtype), compile)
@@ -559,34 +557,26 @@ def cmd_encode(args):
                 "source": args.data, "split": split, "vae": os.path.basename(args.vae_path)}
         out = args.out.replace("{split}", split)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        tmp = f"{out}.tmp{os.getpid()}"
-        try:  # write aside, then rename: a crash never leaves a half-written latents file
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        save_safetensors(tensors, out, meta)  # aside, then renamed: a crash never leaves a half-written latents file
         shape = tuple(tensors["mean"].shape)
         print(f"wrote {out}: {split} split of {args.data}, latents {shape} {args.dtype}, "
               f"scaling factor {model.scaling_factor}")
 
 
-def _grid(top, bottom, cols=8):
-    """uint8 (n, C, H, W) originals and reconstructions -> (rows, cols) grid, each reconstruction below its image."""
-    n, C, H, W = top.shape
-    scale = max(1, 128 // H)  # small images are enlarged so a person can see them
-    pairs = torch.stack([top, bottom], 1).expand(-1, -1, 3 if C == 1 else C, -1, -1)  # (n, 2, 3, H, W)
-    pairs = pairs.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
-    pairs = F.pad(pairs, (1, 1, 1, 1), value=255)  # white gaps between images
-    rows = math.ceil(n / cols)
-    pairs = torch.cat([pairs, torch.full((rows * cols - n, *pairs.shape[1:]), 255, dtype=torch.uint8)])
-    _, _, c, h, w = pairs.shape
-    return pairs.reshape(rows, cols, 2, c, h, w).permute(0, 2, 4, 1, 5, 3).reshape(rows * 2 * h, cols * w, c)
+def _pairs(top, bottom, cols=8):
+    """Originals and reconstructions (n, C, H, W) -> the grid order (a row of originals, then their reconstructions,
+    ...) and a caption for each image."""
+    images, captions = [], []
+    for s in range(0, len(top), cols):
+        pad = torch.full((cols - len(top[s:s + cols]), *top.shape[1:]), 255, dtype=top.dtype)  # a short last row
+        images += [top[s:s + cols], pad, bottom[s:s + cols], pad]
+        captions += [f"original {i}" for i in range(s, min(s + cols, len(top)))] + [""] * len(pad)
+        captions += [f"recon {i}" for i in range(s, min(s + cols, len(top)))] + [""] * len(pad)
+    return torch.cat(images), captions
 
 
 @torch.inference_mode()
 def cmd_recon(args):
-    from PIL import Image
     device = _device(args.device)
     model = load(args.vae_path, device=device, scaling_factor=args.scaling_factor)
     ds = _load_images(args, args.split, model)
@@ -607,7 +597,8 @@ def cmd_recon(args):
     psnr = (10 * torch.log10(255.0 ** 2 / mse)).mean().item()
     os.makedirs(args.out_dir, exist_ok=True)
     png = os.path.join(args.out_dir, "recon.png")
-    Image.fromarray(_grid(x, rec).numpy()).save(png)
+    grid, captions = _pairs(x, rec, cols=min(8, len(x)))
+    save_image_grid(grid, png, nrow=min(8, len(x)), captions=captions)
     with open(os.path.join(args.out_dir, "config.json"), "w") as fh:
         json.dump(vars(args), fh, indent=2, default=str)
     with open(os.path.join(args.out_dir, "metrics.json"), "w") as fh:

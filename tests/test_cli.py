@@ -165,3 +165,35 @@ def test_a_latents_file_is_one_split_and_a_stage_asks_for_the_other_by_flag(tmp_
     assert m["steps"] == 2
     with pytest.raises(SystemExit):  # a stage that does not read a test split does not offer the flag
         diffusion_classifier.build_parser().parse_args(["classify", "--ckpt", "x", "--data", train, "--test-data", test])
+
+
+def test_pictures_a_person_can_read(tmp_path):
+    from PIL import Image
+    # a grid of accuracies: its lowest cell is coloured (the scale starts at 0), long labels are drawn whole
+    labels = ["checkerboard-with-a-long-name", "dots"]
+    training.save_heatmap([[0.5, 0.6], [0.55, 0.65]], str(tmp_path / "h.png"), labels, labels, title="probe accuracy")
+    img = Image.open(tmp_path / "h.png").convert("RGB")
+    white = sum(1 for p in img.getdata() if p == (255, 255, 255))
+    assert img.width > 300 and img.height > 300  # room for the 29-character labels (the old one cut them at 7)
+    coloured = sum(1 for p in img.getdata() if p[2] == 255 and p[0] < 200)  # the blue of the cells
+    assert coloured > 4 * 1000 and white < img.width * img.height
+    # a curve: the legend sits right of the frame, not over the lines
+    training.save_curve([1, 2, 3], {"test accuracy": [0.1, 0.2, 0.3], "val accuracy": [0.2, 0.1, 0.3]}, str(tmp_path / "c.png"),
+                        "t", "score", "sweep")
+    c = Image.open(tmp_path / "c.png")
+    assert c.width > 560
+    # sample grids carry captions and enlarge small images
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    training.save_image_grid(x, str(tmp_path / "s.png"), nrow=4)
+    training.save_image_grid(x, str(tmp_path / "s_cap.png"), nrow=4, captions=["a", "b", "c", "d"])
+    plain, cap = Image.open(tmp_path / "s.png"), Image.open(tmp_path / "s_cap.png")
+    assert plain.size == (4 * 68, 68) and cap.size == (4 * 68, 68 + 16)
+
+
+def test_every_file_a_run_writes_gets_the_users_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        training.save_safetensors({"a": torch.zeros(2)}, str(tmp_path / "x.safetensors"), {"k": "v"})
+        assert os.stat(tmp_path / "x.safetensors").st_mode & 0o777 == 0o644  # safetensors alone writes 0600
+    finally:
+        os.umask(old)
