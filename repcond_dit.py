@@ -403,7 +403,7 @@ def build_parser():
     add_common_args(q, "runs/repcond/tune", data=False, test=False)
     add_train_args(q, steps=20_000, batch_size=256, lr=1e-4)
     q.add_argument("--ckpt", required=True, help="a pretrain checkpoint folder (OUT_DIR/ckpt)")
-    q.add_argument("--labels-per-class", type=int, default=None, help="labeled images per class (or --labeled-fraction)")
+    q.add_argument("--labels-per-class", type=int, default=None, help="required, or --labeled-fraction: labeled images per class")
     q.add_argument("--labeled-fraction", type=float, default=None)
     q.add_argument("--class-dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
     q.add_argument("--label-init", default="rep-mean", choices=["rep-mean", "random"],
@@ -423,7 +423,7 @@ def build_parser():
     q = sub.add_parser("probe", help="linear probe on the encoder's representation r", allow_abbrev=False)
     add_common_args(q, "runs/repcond/probe", data=False)
     q.add_argument("--ckpt", required=True)
-    q.add_argument("--labels-per-class", type=int, default=None)
+    q.add_argument("--labels-per-class", type=int, default=None, help="required, or --labeled-fraction: labeled images per class")
     q.add_argument("--labeled-fraction", type=float, default=None)
 
     q = sub.add_parser("sample", help="DDPM/DDIM samples, grid PNG, FID", allow_abbrev=False)

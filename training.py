@@ -436,6 +436,9 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
         loss_sum += loss.detach()
         n_sum += 1
         last = step + 1 == args.steps
+        if step == start and dist.is_main and not ((step + 1) % args.log_every == 0 or last):  # progress from the start
+            dt = time.time() - t0
+            print(f"[{stage}] step {step + 1} loss {loss.item():.4g} (not logged) | ETA {_eta((args.steps - step - 1) * dt)}", flush=True)
         if (step + 1) % args.log_every == 0 or last:
             # a finite loss can still have a NaN/inf gradient (e.g. through torch.where's unselected branch), which
             # the update spreads to the weights: check them too before they are checkpointed (identical on every rank)

@@ -84,7 +84,8 @@ def test_a_finished_run_is_never_silently_replaced_and_resume_continues_only_the
     assert ckpt == open(tmp_path / "run" / "ckpt" / "model.safetensors", "rb").read()
     pretrain(tmp_path / "run", "--resume", "--steps", "6")  # the same flags: continues
     pretrain(tmp_path / "run", "--overwrite", "--steps", "2")  # said out loud: replaced
-    assert [line.count('"step"') for line in open(tmp_path / "run" / "log.jsonl")] == [1]
+    import json
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "log.jsonl")] == [2]  # the old run's log is gone
 
 
 def test_warm_up_longer_than_the_run_is_said(tmp_path, capsys):
