@@ -15,8 +15,8 @@ The distilled student is then fine-tuned on labels and compared with the same st
     python repfusion.py scratch --student resnet18 --data cifar10 --labels-per-class 400 --out-dir runs/rf/scratch
     torchrun --nproc_per_node=8 repfusion.py distill --teacher ... --t-policy rl --batch-size 128
 
-Teachers: a `ddae_probe.py pretrain` checkpoint (DDPM/EDM UNet; any block by name, default `mid`) or a
-`repcond_dit.py` checkpoint (DiT; `blocks.i`, default the middle block, tokens mean-pooled).
+Teachers: a `ddae_probe.py pretrain` checkpoint (DDPM/EDM UNet; any block by name, default `mid`), a
+`repcond_dit.py` checkpoint or an official DiT .pt file (DiT; `blocks.i`, default the middle block, tokens mean-pooled).
 """
 import argparse
 import dataclasses
@@ -36,7 +36,7 @@ from data import UserError
 from training import (add_common_args, add_train_args, all_sum, autocast, check_out_dir, cleanup_distributed, compile_default,
                       draw_global, find_checkpoint, fit, HelpFormatter, linear_probe, load_json, load_state_dict_strict,
                       load_weights, resolve_amp, run, RunLog, save_heatmap, save_json, setup_distributed, step_generator)
-from models import checkpoint_kind, Diffusion, load_run, make_objective, UNet, UNet_models
+from models import checkpoint_kind, Diffusion, load_dit, load_run, make_objective, RepCondDiT, UNet, UNet_models
 from vae import Space
 
 # ----------------------------------------------------------------------------------------------
@@ -328,13 +328,25 @@ class Teacher:
 
 
 class DiTTeacher(Teacher):
-    """A repcond_dit.py checkpoint: the denoiser's block `blocks.i` (tokens (N, T, D) -> mean over tokens; the map
-    is the tokens on their grid). The blocks after it are dropped. A representation-conditioned DiT gets r from
-    its encoder on the clean z0, as in its pre-training; a label-conditioned one gets the null label."""
+    """A repcond_dit.py / diffusion_classifier.py checkpoint or an official DiT .pt file: the denoiser's block
+    `blocks.i` (tokens (N, T, D) -> mean over tokens; the map is the tokens on their grid). The blocks after it are
+    dropped. A representation-conditioned DiT gets r from its encoder on the clean z0, as in its pre-training; a
+    label-conditioned one (the official DiTs) gets the null label. An official file runs on --data (latents, or
+    images with --vae-path), with DiT's linear schedule over T = 1000."""
     kind = "dit"
 
     def __init__(self, ckpt, layer, input_mode, device, vae_path=None, data_spec=None):
-        model, cfg, _, self.space = load_run(ckpt, device, vae_path, data_spec, kinds=("dit",))
+        if os.path.isfile(ckpt):
+            if data_spec is None:
+                raise UserError(f"--teacher {ckpt}: an official DiT file needs --data (a latents file, or images with --vae-path)")
+            dit = load_dit(ckpt, device)
+            model, cfg = RepCondDiT(dit).eval(), {"T": 1000}
+            self.space = Space(data.load(data_spec, "train"), vae_path, device, resolve_amp("auto", device))
+            if self.space.sample_shape != (dit.in_channels, dit.input_size, dit.input_size):
+                raise UserError(f"--data {data_spec}: model inputs are {self.space.sample_shape}, the DiT takes "
+                                f"{(dit.in_channels, dit.input_size, dit.input_size)} (--vae-path / --image-size)")
+        else:
+            model, cfg, _, self.space = load_run(ckpt, device, vae_path, data_spec, kinds=("dit",))
         depth = len(model.denoiser.blocks)
         layer = layer or f"blocks.{depth // 2}"
         names = [f"blocks.{i}" for i in range(depth)]
@@ -404,23 +416,13 @@ class UNetTeacher(Teacher):
         return self.space.sample_shape
 
 
-def ckpt_folder(path, flag):
-    """A checkpoint folder given as itself or as the run folder holding it (OUT_DIR/ckpt)."""
-    for d in (os.path.join(path, "ckpt"), path):
-        try:
-            return find_checkpoint(d)
-        except UserError:
-            pass
-    raise UserError(f"{flag} {path}: no checkpoint here (expected model.safetensors and config.json, or a ckpt/ folder with them)")
-
-
 def teacher_kind(path):
-    """'ddae' | 'dit' for a checkpoint folder (OUT_DIR or OUT_DIR/ckpt), or one clear error."""
+    """'ddae' | 'dit' for a checkpoint folder (OUT_DIR or OUT_DIR/ckpt) or an official DiT file, or one clear error."""
     if not os.path.exists(path):
-        raise UserError(f"--teacher {path}: no such checkpoint folder")
+        raise UserError(f"--teacher {path}: no such checkpoint folder or file")
     if os.path.isfile(path):
-        raise UserError(f"--teacher {path}: expected a checkpoint folder of ddae_probe.py or repcond_dit.py, got a file")
-    d = ckpt_folder(path, "--teacher")
+        return "dit", path  # an official DiT .pt (load_dit says in one line if it is not one)
+    d = find_checkpoint(path)
     cfg = load_json(os.path.join(d, "config.json"))
     kind = checkpoint_kind(cfg)
     if kind == "unet" and cfg.get("objective") in ("ddpm", "edm"):
@@ -656,7 +658,7 @@ def train_classifier(args, init=None):
     amp = resolve_amp(args.amp, dist.device)
     dcfg, sd = None, None
     if init is not None:
-        d = ckpt_folder(init, "--ckpt")
+        d = find_checkpoint(init)
         dcfg = load_json(os.path.join(d, "config.json"))
         if dcfg.get("stage") != "repfusion-distill":
             raise UserError(f"--ckpt {init}: not a `repfusion.py distill` checkpoint (stage {dcfg.get('stage')!r})")
@@ -808,7 +810,8 @@ def build_parser():
     q = sub.add_parser("distill", help="distil the teacher's features into the student (with the t policy)")
     add_common_args(q, "runs/repfusion/distill", test=False)
     add_train_args(q, steps=78_000, batch_size=128, lr=1e-3)  # 200 epochs of CIFAR-10 at batch 128
-    q.add_argument("--teacher", required=True, help="a ddae_probe.py or repcond_dit.py checkpoint folder")
+    q.add_argument("--teacher", required=True, help="a ddae_probe.py or repcond_dit.py run (OUT_DIR or OUT_DIR/ckpt) or an "
+                                                   "official DiT .pt file")
     q.add_argument("--teacher-layer", default=None,
                    help="block name (ddae: down.i | mid | up.i, default mid; DiT: blocks.i, default the middle one)")
     q.add_argument("--teacher-input", default="noised", choices=["noised", "clean"],

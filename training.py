@@ -247,7 +247,7 @@ def find_checkpoint(ckpt_dir):
             return d
     if os.path.isfile(ckpt_dir):
         raise UserError(f"{ckpt_dir}: expected a checkpoint folder (model.safetensors and config.json), got a file")
-    raise UserError(f"{ckpt_dir}: no checkpoint here (expected model.safetensors and config.json)")
+    raise UserError(f"{ckpt_dir}: no checkpoint here (expected model.safetensors and config.json, or a ckpt/ folder with them)")
 
 
 def load_weights(path, model, prefer_ema=True):

@@ -1,6 +1,7 @@
 """repfusion.py: student ResNets, feature losses, the REINFORCE policy's sign, a frozen teacher, every stage
 (distill / finetune / scratch) running, resuming exactly and running under torchrun, and clear errors."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -249,3 +250,20 @@ def test_other_user_errors(tmp_path, teachers):
         run(distill_args(tmp_path, teachers["ddae"], "--t-policy", "fixed", "--t", "5000"))
     with pytest.raises(UserError, match="not a `repfusion.py distill` checkpoint"):
         run(["finetune", "--ckpt", teachers["ddae"], "--out-dir", str(tmp_path), "--device", "cpu"])
+
+
+def test_an_official_dit_file_is_a_teacher_as_in_every_script(tmp_path):
+    """--teacher takes what --ckpt takes elsewhere: an official DiT .pt (here random weights in its layout, pixel space
+    on `shapes`); the teacher reads the middle block with the null label and stays frozen."""
+    import models
+    torch.manual_seed(0)
+    dit = models.DiT(input_size=32, in_channels=3, num_classes=10, learn_sigma=True, **models.DiT_models["DiT-XS/8"])
+    for p in dit.parameters():
+        p.data.normal_(0, 0.02)
+    torch.save({"ema": dit.state_dict(), "args": None}, tmp_path / "dit.pt")
+    t = rf.load_teacher(str(tmp_path / "dit.pt"), data_spec="shapes")
+    assert t.kind == "dit" and t.layer == "blocks.2" and t.T == 1000
+    m = run(distill_args(tmp_path / "d", str(tmp_path / "dit.pt"), "--data", "shapes", "--t-policy", "fixed", "--t", "10", steps=2))
+    assert m["teacher_kind"] == "dit" and m["teacher_dim"] == 128 and math.isfinite(m["final_feat_loss"])
+    with pytest.raises(UserError, match="official DiT file needs --data"):
+        rf.load_teacher(str(tmp_path / "dit.pt"))
