@@ -17,9 +17,7 @@ import training
 import vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REF = os.path.join(ROOT, "..", "shared", "reference", "dit_official_keys.json")
-if not os.path.exists(REF):  # CI clones the repo with shared/ beside it
-    REF = os.path.join(os.path.dirname(ROOT), "shared", "reference", "dit_official_keys.json")
+REF = os.path.join(ROOT, "tests", "reference", "dit_official_keys.json")  # the official release's key names and shapes
 
 
 def run(argv):

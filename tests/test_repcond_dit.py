@@ -16,9 +16,7 @@ import training
 from conftest import TinyFeatures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REF = os.path.join(ROOT, "..", "shared", "reference", "dit_official_keys.json")
-if not os.path.exists(REF):  # CI clones the repo with shared/ beside it
-    REF = os.path.join(os.path.dirname(ROOT), "shared", "reference", "dit_official_keys.json")
+REF = os.path.join(ROOT, "tests", "reference", "dit_official_keys.json")  # the official release's key names and shapes
 TINY = ["--model", "DiT-XS/8", "--encoder", "ViT-XS/8", "--rep-dim", "32", "--device", "cpu"]  # plumbing tests
 SMALL = ["--model", "DiT-XS/4", "--encoder", "ViT-XS/4", "--rep-dim", "32", "--device", "cpu", "--image-size", "16"]  # tests that learn
 
