@@ -19,7 +19,7 @@ import vae
 from data import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REFERENCE = os.environ.get("REFERENCE_DIR", os.path.join(ROOT, "..", "shared", "reference"))
+REFERENCE = os.environ.get("REFERENCE_DIR", os.path.join(ROOT, "tests", "reference"))  # the public files' key lists
 TOL = 1e-4  # max abs difference vs diffusers, fp32 on the CPU
 
 
