@@ -928,7 +928,6 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                                 allow_abbrev=False)  # exact flags: a prefix here would swallow a subcommand's flag
     add_common_args(p, "runs/ddae")
-    p.add_argument("--overwrite", action="store_true", help="pipeline: replace the runs already in OUT_DIR")
     p.add_argument("--objective", default="ddpm", choices=["ddpm", "edm"])
     p.add_argument("--steps", type=int, default=400, help="pipeline: pretrain steps of the tiny UNet")
     p.add_argument("--batch-size", type=int, default=64)
@@ -1030,6 +1029,8 @@ def _bench_cmd(args):
 def main(args):
     stages = {"pretrain": pretrain, "probe": probe, "align": align, "finetune": finetune, "noisy": noisy,
               "sample": sample, "bench-grid": _bench_cmd, None: pipeline}
+    if getattr(args, "grid", None) and os.path.isdir(args.grid):  # a probe run folder: its grid.json
+        args.grid = os.path.join(args.grid, "grid.json")
     if args.cmd is not None:
         check_out_dir(args)
     try:

@@ -1123,7 +1123,6 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_common_args(p, "runs/dc")
     p.set_defaults(device="cpu", image_size=16)  # 16 px: the CPU budget of the bare run
-    p.add_argument("--overwrite", action="store_true", help="pipeline: replace the runs already in OUT_DIR")
     p.add_argument("--model", default="DiT-XS/4", choices=sorted(DiT_models))
     p.add_argument("--steps", type=int, default=2000, help="pipeline: training steps")
     p.add_argument("--batch-size", type=int, default=64)
@@ -1168,7 +1167,7 @@ def main(args):
     stages = {"train": train, "classify": classify, "bench": bench, None: pipeline,
               "merge": lambda a: merge(a.out_dir)}
     if args.cmd is not None:
-        check_out_dir(args)
+        check_out_dir(args, resumable=args.cmd in ("classify", "merge"))  # classify resumes and refuses other runs itself
     try:
         return stages[args.cmd](args)
     finally:

@@ -373,7 +373,6 @@ def pipeline(args):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
     add_common_args(p, "runs/repcond")
-    p.add_argument("--overwrite", action="store_true", help="pipeline: replace the runs already in OUT_DIR")
     p.add_argument("--steps", type=int, default=600, help="pipeline: pretrain steps (each of the two runs)")
     p.add_argument("--tune-steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)

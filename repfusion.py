@@ -787,7 +787,6 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                                 allow_abbrev=False)  # else a sub-command flag such as --t is "ambiguous" here
     add_common_args(p, "runs/repfusion")
-    p.add_argument("--overwrite", action="store_true", help="pipeline: replace the runs already in OUT_DIR")
     p.add_argument("--teacher", default=None, help="pipeline: reuse this teacher checkpoint instead of training one")
     p.add_argument("--teacher-steps", type=int, default=600, help="pipeline: teacher pre-training steps")
     p.add_argument("--teacher-ch", type=int, default=16, help="pipeline: the teacher UNet's base width")

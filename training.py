@@ -143,6 +143,8 @@ def load_json(path):
             return json.load(f)
     except FileNotFoundError:
         raise UserError(f"{path}: not found")
+    except IsADirectoryError:
+        raise UserError(f"{path}: a folder, expected a JSON file") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})")
 
@@ -345,7 +347,8 @@ def check_resume(ckpt_dir, args):
     differ = [k for k in sorted(set(saved) & set(now)) if k not in RESUMABLE and saved[k] != now[k]]
     if differ:
         raise UserError("--resume: " + ", ".join(f"--{k.replace('_', '-')} {now[k]} (the run has {saved[k]})" for k in differ[:6])
-                        + " differ from the run in " + ckpt_dir + "; resume with its flags, or start a new run")
+                        + (" differs" if len(differ) == 1 else " differ") + " from the run in " + ckpt_dir
+                        + "; resume with its flags, or start a new run")
 
 
 def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0, params=None):
@@ -481,7 +484,6 @@ def add_train_args(p, steps, batch_size, lr):
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint interval: at the first log step at or past each multiple")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR/ckpt (the flags that shape the run must match)")
-    p.add_argument("--overwrite", action="store_true", help="replace the run OUT_DIR holds (without it, such a folder is refused)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator bf16 peak for MFU (H100 SXM dense: 989)")
 
 
@@ -499,6 +501,7 @@ def add_common_args(p, out_dir, data=True, test=True):
     if test:
         p.add_argument("--test-data", default=None, help="the test split's file when the data is one split's (a latents file)")
     p.add_argument("--out-dir", default=out_dir)
+    p.add_argument("--overwrite", action="store_true", help="replace what OUT_DIR holds (without it, a folder holding a run is refused)")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="auto: bf16 on CUDA, fp32 on the CPU")
@@ -539,9 +542,21 @@ def parse_args(parser, argv=None):
     return parser.parse_args(argv)
 
 
+def _one_line_errors(parser):
+    """argparse's own errors (a missing or unknown flag) as one line and exit status 1, like every other user error."""
+    def error(message):
+        raise UserError(f"{message} (see {parser.prog} --help)")
+    parser.error = error
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _one_line_errors(sub)
+
+
 def run(main, parser, argv=None):
     """A script's entry point: parse (parse_args), run main(args), and turn a UserError into one `error: ...` line and
     exit status 1, printed by rank 0 only (under torchrun every rank stops; one line says why)."""
+    _one_line_errors(parser)
     try:
         main(parse_args(parser, argv))
     except UserError as e:
@@ -553,17 +568,25 @@ def run(main, parser, argv=None):
 READS = ("ckpt", "ckpts", "teacher", "encoder_ckpt", "grid")  # flags naming a run's outputs that a stage reads
 
 
-def check_out_dir(args):
-    """A stage never writes into a folder it reads from: --out-dir must not be, or hold, the checkpoint (or grid)
-    it reads, else its config.json, metrics.json and ckpt/ would replace the ones it is reading."""
+def check_out_dir(args, resumable=False):
+    """Nothing a user has is overwritten unasked. A stage never writes into a folder it reads from (--out-dir must not
+    be, hold, or lie inside the checkpoint or grid it reads), and a folder that holds another run (ckpt/, config.json,
+    metrics.json) is refused unless --overwrite; resumable stages (training with --resume, diffusion_classifier's
+    classify) judge their own folder."""
     out = os.path.realpath(args.out_dir)
     for name in READS:
         paths = getattr(args, name, None)
         for path in ([paths] if isinstance(paths, str) else paths or []):
             real = os.path.realpath(path)
-            if real == out or real.startswith(out + os.sep):
-                raise UserError(f"--out-dir {args.out_dir} holds --{name.replace('_', '-')} {path}, which this stage reads: "
-                                f"its outputs would replace what it reads; pass another --out-dir")
+            if real == out or real.startswith(out + os.sep) or out.startswith(real + os.sep):
+                raise UserError(f"--out-dir {args.out_dir} and --{name.replace('_', '-')} {path}, which this stage reads, "
+                                f"overlap: its outputs would replace what it reads; pass another --out-dir")
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        raise UserError("--resume and --overwrite: continue the run in --out-dir, or replace it, not both")
+    held = [n for n in ("ckpt", "config.json", "metrics.json") if os.path.exists(os.path.join(out, n))]
+    if held and not resumable and not getattr(args, "overwrite", False) and not getattr(args, "resume", False):
+        raise UserError(f"--out-dir {args.out_dir} holds another run ({', '.join(held)}): pass --overwrite to replace it, "
+                        f"--resume to continue a training run, or another --out-dir")
 
 
 RESUMABLE = {"steps", "resume", "overwrite", "log_every", "ckpt_every", "device", "compile", "peak_tflops", "out_dir",

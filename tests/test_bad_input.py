@@ -252,9 +252,16 @@ def fill(items, s):
     return [x.format(**vars(s)) for x in items]
 
 
+def overwriting(script, argv):
+    """The calls write into good runs' folders: with --overwrite, so the failure under test is reached (without it
+    the folder itself is refused first); a failing call must still leave every byte as it was."""
+    return argv if script == "vae" or "--resume" in argv else [*argv, "--overwrite"]
+
+
 @pytest.mark.parametrize("script,case", list(CASES), ids=[f"{a}-{b}" for a, b in CASES])
 def test_one_clear_line_and_nothing_damaged(r, script, case):
     argv, expected = (fill(x, r) for x in CASES[(script, case)])
+    argv = overwriting(script, argv)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -275,6 +282,7 @@ def test_command_line_prints_one_error_line(r, script):
     """The entry point itself (one process per script: importing torch costs seconds): exactly one `error: ...` line
     on stderr, exit status 1, no traceback, nothing written."""
     argv, expected = (fill(x, r) for x in CASES[(script, "missing_data")])
+    argv = overwriting(script, argv)
     p = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), *argv], capture_output=True, text=True, cwd=ROOT,
                        timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
     lines = p.stderr.strip().splitlines()

@@ -43,10 +43,15 @@ def test_flags_before_the_subcommand_are_used(name):
     assert (args.cmd, args.steps, args.batch_size, args.seed) == (stage, 3, 8, 5)  # were the subcommand's defaults
 
 
-def test_a_flag_the_subcommand_does_not_take_is_refused(capsys):
+def test_a_flag_the_subcommand_does_not_take_is_refused_in_one_line(capsys):
     with pytest.raises(SystemExit) as e:  # --tune-steps belongs to the bare run only
-        training.parse_args(repcond_dit.build_parser(), ["--tune-steps", "5", "pretrain"])
-    assert e.value.code == 2 and "unrecognized arguments: --tune-steps 5" in capsys.readouterr().err
+        training.run(repcond_dit.main, repcond_dit.build_parser(), ["--tune-steps", "5", "pretrain"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "error: unrecognized arguments: --tune-steps 5" in err[0], err
+    with pytest.raises(SystemExit) as e:  # argparse's own errors too: one line, status 1
+        training.run(repcond_dit.main, repcond_dit.build_parser(), ["tune", "--steps", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "required: --ckpt" in err[0], err
 
 
 def test_help_shows_every_default():
@@ -57,11 +62,25 @@ def test_help_shows_every_default():
 def test_a_stage_never_writes_into_the_folder_it_reads(tmp_path):
     for argv in (["tune", "--ckpt", f"{tmp_path}/run/ckpt", "--out-dir", f"{tmp_path}/run", "--labels-per-class", "1"],
                  ["classify", "--ckpt", f"{tmp_path}/run/ckpt", "--out-dir", f"{tmp_path}/run"]):
-        with pytest.raises(UserError, match=f"--out-dir {tmp_path}/run holds --ckpt {tmp_path}/run/ckpt, which this stage reads"):
+        with pytest.raises(UserError, match=f"--out-dir {tmp_path}/run and --ckpt {tmp_path}/run/ckpt, which this stage reads, overlap"):
             repcond_dit.main(repcond_dit.build_parser().parse_args(argv))
-    with pytest.raises(UserError, match="holds --teacher"):
+    with pytest.raises(UserError, match="and --teacher .* overlap"):
         repfusion.main(repfusion.build_parser().parse_args(["distill", "--teacher", f"{tmp_path}/t", "--out-dir", f"{tmp_path}/t"]))
+    with pytest.raises(UserError, match="overlap"):  # an --out-dir inside the run it reads (its ckpt/ folder) too
+        repcond_dit.main(repcond_dit.build_parser().parse_args(["classify", "--ckpt", f"{tmp_path}/run", "--out-dir", f"{tmp_path}/run/ckpt"]))
     assert not os.listdir(tmp_path)  # nothing was written
+
+
+def test_an_evaluation_never_replaces_another_run_unasked(tmp_path):
+    for name in ("metrics.json", "config.json"):
+        os.makedirs(tmp_path / name.split(".")[0])
+        (tmp_path / name.split(".")[0] / name).write_text("{}")
+        argv = ["probe", "--ckpt", str(tmp_path / "x"), "--labels-per-class", "1", "--out-dir", str(tmp_path / name.split(".")[0])]
+        with pytest.raises(UserError, match="holds another run .*pass --overwrite to replace it"):
+            repcond_dit.main(repcond_dit.build_parser().parse_args(argv))
+        assert (tmp_path / name.split(".")[0] / name).read_text() == "{}"
+    with pytest.raises(UserError, match="--resume and --overwrite"):
+        repcond_dit.main(repcond_dit.build_parser().parse_args(["pretrain", "--resume", "--overwrite", "--out-dir", str(tmp_path / "n")]))
 
 
 def pretrain(out, *extra):
@@ -74,9 +93,9 @@ def test_a_finished_run_is_never_silently_replaced_and_resume_continues_only_the
     pretrain(tmp_path / "run")
     before = {f: open(tmp_path / "run" / f, "rb").read() for f in ("log.jsonl", "config.json")}
     ckpt = open(tmp_path / "run" / "ckpt" / "model.safetensors", "rb").read()
-    with pytest.raises(UserError, match="holds a run's checkpoint already: pass --resume to continue it, --overwrite"):
+    with pytest.raises(UserError, match="holds another run .*pass --overwrite to replace it, --resume to continue"):
         pretrain(tmp_path / "run", "--steps", "2")
-    with pytest.raises(UserError, match=r"--resume: --lr 0.01 \(the run has 0.0001\), --seed 3 \(the run has 0\) differ"):
+    with pytest.raises(UserError, match=r"--resume: --lr 0.01 \(the run has 0.0001\), --seed 3 \(the run has 0\) differ "):
         pretrain(tmp_path / "run", "--resume", "--steps", "6", "--lr", "0.01", "--seed", "3")
     with pytest.raises(UserError, match="--steps 2: the checkpoint in .* is at step 4 already"):
         pretrain(tmp_path / "run", "--resume", "--steps", "2")
