@@ -44,8 +44,8 @@ from training import (add_common_args, add_train_args, autocast, check_out_dir, 
                       compute_fid, Dist, draw_global, find_checkpoint, fit, gather_by_index, HelpFormatter, INCEPTION_FILE,
                       load_json, load_torch, load_weights, Progress, resolve_amp, run, RunLog, save_curve, save_heatmap,
                       save_image_grid, save_json, save_safetensors, setup_distributed, step_generator)
-from models import (build_model, DiT_models, FinalLayer, GlobalDropout, load_dit, make_objective, mem_format, timestep_embedding,
-                    UNet, UNet_models, unpatchify)
+from models import (build_model, DiT_models, FinalLayer, GlobalDropout, load_dit, make_objective, mem_format, test_split_spec,
+                    timestep_embedding, UNet, UNet_models, unpatchify)
 from vae import Space
 
 # ----------------------------------------------------------------------------------------------
@@ -335,7 +335,7 @@ def pretrain(args):
         unet["ch"] = args.ch
     if len(args.beta_range) != 2 or not 0 < args.beta_range[0] < args.beta_range[1] < 1:
         raise UserError(f"--beta-range {args.beta_range}: expected two numbers 0 < beta_min < beta_max < 1")
-    cfg = dict(stage="pretrain", arch="unet", model=args.model, unet=_unet_config(unet),
+    cfg = dict(stage="pretrain", test_data=args.test_data, arch="unet", model=args.model, unet=_unet_config(unet),
                objective=args.objective, T=args.T, beta_range=list(args.beta_range), edm=dict(P_mean=args.p_mean, P_std=args.p_std),
                sample_shape=[C, H, W], num_classes=K, class_dropout=args.class_dropout if K else 0.0, data=args.data,
                image_size=args.image_size, vae_path=args.vae_path, scaling_factor=space.scaling_factor, classes=ds.classes,
@@ -406,9 +406,9 @@ def load_backbone(args, dist):
         raise UserError("an official DiT file needs --data (a latents .safetensors, or images with --vae-path)")
     image_size = args.image_size or cfg.get("image_size")
     train = data.load(spec, "train", image_size)
-    if train.latents is not None and not args.test_data:  # (older latents files do not name their split)
+    if train.latents is not None and not args.test_data and not cfg.get("test_data"):  # (older latents files do not name their split)
         raise UserError(f"--data {spec} is a latents file (one split): pass the test split's file with --test-data")
-    test = data.load(args.test_data or spec, "test", image_size)
+    test = data.load(test_split_spec(args, cfg) if cfg.get("data") else (args.test_data or spec), "test", image_size)
     if train.classes and test.labels is not None:  # test label i must mean the training split's class i
         test = data.relabel(test, train.classes, f"--test-data {args.test_data}" if args.test_data else f"--data {spec} (test split)")
     space = Space(train, args.vae_path or cfg.get("vae_path"), device, resolve_amp(args.amp, device))

@@ -921,7 +921,7 @@ def train(args):
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed))
     n_val = min(args.n_val, len(ds) // 2)
     val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:]
-    cfg = dict(stage="train", script="diffusion_classifier", model=args.model, cond="label", inject=None, rep_dim=0,
+    cfg = dict(stage="train", script="diffusion_classifier", test_data=args.test_data, model=args.model, cond="label", inject=None, rep_dim=0,
                sample_shape=list(space.sample_shape), num_classes=len(ds.classes), learn_sigma=False, class_dropout=args.class_dropout,
                T=args.T, data=args.data, image_size=args.image_size, vae_path=args.vae_path, scaling_factor=space.scaling_factor,
                classes=ds.classes, amp=args.amp, val_indices=val_idx.tolist(), args=vars(args))

@@ -799,6 +799,16 @@ def mem_format(x):
 # Checkpoint folders written by the method scripts
 
 
+def test_split_spec(args, cfg):
+    """The test split a stage reads: --test-data if given, else the run's own test file (recorded at pre-training)
+    when the stage reads the run's data, else --data."""
+    if getattr(args, "test_data", None):
+        return args.test_data
+    if not getattr(args, "data", None) or args.data == cfg.get("data"):
+        return cfg.get("test_data") or cfg["data"]
+    return args.data
+
+
 def checkpoint_kind(cfg):
     """What a checkpoint folder's config.json describes: "unet" (ddae_probe.py pretrain), "dit" (repcond_dit.py
     pretrain / tune, diffusion_classifier.py train: a RepCondDiT) or None."""
@@ -831,7 +841,8 @@ def load_run(ckpt, device, vae_path=None, data_spec=None, split="train", kinds=(
     model = load_weights(d, build_net(cfg)).to(device).eval()
     if device.type == "cuda" and isinstance(model, UNet):
         model = model.to(memory_format=torch.channels_last)
-    ds = data.load(data_spec or cfg["data"], split, cfg.get("image_size"))
+    ds = data.load(data_spec or cfg["data"], split, cfg.get("image_size"),
+                   flag="--data (the train split's file; the test split's goes to --test-data)" if split == "train" else "--test-data")
     space = Space(ds, vae_path or cfg.get("vae_path"), device, resolve_amp(cfg.get("amp", "auto"), device))
     if tuple(space.sample_shape) != tuple(cfg["sample_shape"]):
         raise UserError(f"--data {data_spec or cfg['data']}: samples are {tuple(space.sample_shape)}, the network takes "

@@ -37,7 +37,7 @@ from training import (accuracy_f1, add_common_args, add_train_args, autocast, ch
                       linear_probe, load_json, load_state_dict_strict, load_weights, Progress, resolve_amp, run, RunLog,
                       save_curve, save_heatmap, save_image_grid, save_json, save_safetensors, setup_distributed, step_generator,
                       transformer_flops_per_image)
-from models import build_model, Diffusion, diffusion_loss, DiT_models, load_run, sample_loop, ViT_models
+from models import build_model, Diffusion, diffusion_loss, DiT_models, load_run, sample_loop, test_split_spec, ViT_models
 from vae import Space
 
 @torch.no_grad()
@@ -68,7 +68,7 @@ def pretrain(args):
     ds = data.load(args.data, "train", args.image_size)
     test = data.load(args.test_data or args.data, "test", args.image_size)  # before training: a missing split stops nothing
     space = Space(ds, args.vae_path, dist.device, resolve_amp(args.amp, dist.device))
-    cfg = dict(stage="pretrain", model=args.model, encoder=args.encoder, rep_dim=args.rep_dim, inject=args.inject, cond=args.cond,
+    cfg = dict(stage="pretrain", test_data=args.test_data, model=args.model, encoder=args.encoder, rep_dim=args.rep_dim, inject=args.inject, cond=args.cond,
                sample_shape=list(space.sample_shape), num_classes=0, learn_sigma=False, T=args.T, data=args.data,
                image_size=args.image_size, vae_path=args.vae_path, scaling_factor=space.scaling_factor, classes=ds.classes,
                freeze_encoder=args.freeze_encoder, amp=args.amp, args=vars(args))
@@ -206,7 +206,7 @@ def classify(args):
     if cfg.get("num_classes", 0) <= 0:
         raise UserError(f"--ckpt {args.ckpt}: classify needs a label-conditioned checkpoint (run `tune` first)")
     K = cfg["num_classes"]
-    test = data.load(args.test_data or args.data or cfg["data"], "test", cfg.get("image_size"))
+    test = data.load(test_split_spec(args, cfg), "test", cfg.get("image_size"))
     if test.labels is None:
         raise UserError("classify needs a labeled test split")
     # label i of the data must mean the tuned model's class i: match by name
@@ -268,7 +268,7 @@ def probe(args):
     if model.encoder is None:
         raise UserError(f"--ckpt {args.ckpt}: probe needs a checkpoint with an encoder (a `pretrain --cond rep` run)")
     labeled = data.labeled_subset(ds, labels_per_class=args.labels_per_class, fraction=args.labeled_fraction, seed=args.seed)
-    test = data.load(args.test_data or args.data or cfg["data"], "test", cfg.get("image_size"))
+    test = data.load(test_split_spec(args, cfg), "test", cfg.get("image_size"))
     ftr, fte = encoder_features(model, space, labeled, dist.device), encoder_features(model, space, test, dist.device)
     acc = linear_probe(ftr, labeled.labels.to(dist.device), fte, test.labels.to(dist.device), len(ds.classes))
     metrics = {"probe_accuracy": acc, "n_labeled": len(labeled), "chance": 1 / len(ds.classes)}
@@ -284,7 +284,7 @@ def sample(args):
     dist = setup_distributed(args.device)
     model, cfg, ds, space = load_run(args.ckpt, dist.device, args.vae_path, args.data, kinds=("dit",))
     diffusion = Diffusion(cfg["T"], device=dist.device)
-    test = data.load(args.test_data or args.data or cfg["data"], "test", cfg.get("image_size"))
+    test = data.load(test_split_spec(args, cfg), "test", cfg.get("image_size"))
     n = args.n_fid if args.fid else args.n_images
     g = torch.Generator(device=dist.device).manual_seed(args.seed)
     den, enc = model.denoiser, model.encoder

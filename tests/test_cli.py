@@ -183,6 +183,16 @@ def test_a_latents_file_is_one_split_and_a_stage_asks_for_the_other_by_flag(tmp_
     assert not os.path.exists(tmp_path / "pre" / "ckpt")
     m = repcond_dit.main(repcond_dit.build_parser().parse_args([*argv, "--test-data", test]))
     assert m["steps"] == 2
+    # later stages read the run's own test file, recorded at pre-training
+    repcond_dit.main(repcond_dit.build_parser().parse_args(
+        ["tune", "--ckpt", str(tmp_path / "pre"), "--labels-per-class", "2", "--steps", "2", "--batch-size", "4", "--device", "cpu",
+         "--out-dir", str(tmp_path / "tune")]))
+    c = repcond_dit.main(repcond_dit.build_parser().parse_args(
+        ["classify", "--ckpt", str(tmp_path / "tune"), "--t", "100", "--n-val", "0", "--device", "cpu", "--out-dir", str(tmp_path / "c")]))
+    assert c["n_test"] == 6  # the test file's 6 latents, not the train file's 8
+    with pytest.raises(UserError, match=r"this one the test split; the train split is another file .*pass it with --data \(the train"):
+        repcond_dit.main(repcond_dit.build_parser().parse_args(
+            ["classify", "--ckpt", str(tmp_path / "tune"), "--data", test, "--t", "100", "--device", "cpu", "--out-dir", str(tmp_path / "c2")]))
     with pytest.raises(SystemExit):  # a stage that does not read a test split does not offer the flag
         diffusion_classifier.build_parser().parse_args(["classify", "--ckpt", "x", "--data", train, "--test-data", test])
 
