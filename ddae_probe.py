@@ -581,6 +581,9 @@ def align(args):
         tl = [f"{t:g}" for t in levels]
         save_heatmap(A, os.path.join(args.out_dir, "alignment.png"), layers, tl, title="alignment (lower: better)")
         save_heatmap(U, os.path.join(args.out_dir, "uniformity.png"), layers, tl, title="uniformity (lower: better)")
+        i, j = np.unravel_index(np.argmin(A + U), A.shape)
+        print(f"align: {len(layers)} layers x {len(levels)} t on {len(train)} images; lowest alignment + uniformity "
+              f"{A[i, j] + U[i, j]:.4g} at {layers[i]}, t {levels[j]:g}; wrote {os.path.join(args.out_dir, 'align.json')}")
         if grid:
             print(f"align: Spearman vs probe accuracy: alignment {metrics['spearman_alignment']}, uniformity "
                   f"{metrics['spearman_uniformity']}, sum {metrics['spearman_align_plus_uniform']}")

@@ -690,6 +690,9 @@ def resolve_data(args, den, cfg, device):
         elif cfg.get("val_indices") and spec == cfg.get("data"):
             tr = data.load(spec, "train", image_size, flag="--val-data")
             val, note = tr.subset(torch.tensor(cfg["val_indices"][:args.n_val])), "train-split images held out from training"
+            if len(cfg["val_indices"]) < args.n_val:
+                print(f"note: --n-val {args.n_val}, but the checkpoint held out only {len(cfg['val_indices'])} training images "
+                      f"(train --n-val); calibrating on those (pass --val-data for more)")
         else:
             tr = data.load(spec, "train", image_size, flag="--val-data")
             if _same_data(tr, test):  # a single file or folder: hold images out of the test set instead
