@@ -736,10 +736,11 @@ def train_teacher(args, out):
     obj = make_objective(cfg, dist.device)
     loader = data.Loader(ds, 32, dist.device, seed=args.seed, augment=True, crop_padding=0, flip=True,  # flip only, as DDPM
                          rank=dist.rank, world_size=dist.world_size)
-    run = argparse.Namespace(seed=args.seed, steps=args.teacher_steps, batch_size=32, lr=2e-3, weight_decay=0.0, warmup=50, grad_clip=1.0,
-                             ema_decay=0.999, log_every=100, ckpt_every=args.teacher_steps, resume=False, overwrite=args.overwrite,
-                             compile=None, amp="auto",
-                             peak_tflops=989.0)
+    p = argparse.ArgumentParser()  # the shared training flags and their defaults, as every training stage has them
+    add_common_args(p, out)
+    add_train_args(p, steps=args.teacher_steps, batch_size=32, lr=2e-3)
+    run = p.parse_args(["--seed", str(args.seed), "--warmup", "50", "--ema-decay", "0.999", "--log-every", "100",
+                        "--ckpt-every", str(args.teacher_steps), *(["--overwrite"] if args.overwrite else [])])
     compile_default(run, dist)
     fit(model, lambda net, x, y, step: obj.loss(net, x, step, args.seed, dist), loader, run, dist, out, cfg)
     return out

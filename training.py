@@ -590,7 +590,7 @@ def check_out_dir(args, resumable=False):
 
 
 RESUMABLE = {"steps", "resume", "overwrite", "log_every", "ckpt_every", "device", "compile", "peak_tflops", "out_dir",
-             "snapshot_every", "no_progress", "workers"}  # flags a resumed run may change: they do not shape the run
+             "snapshot_every"}  # flags a resumed run may change: they do not shape the run
 
 
 # ----------------------------------------------------------------------------------------------
