@@ -408,7 +408,7 @@ def load_backbone(args, dist):
     train = data.load(spec, "train", image_size)
     if train.latents is not None and not args.test_data and not cfg.get("test_data"):  # (older latents files do not name their split)
         raise UserError(f"--data {spec} is a latents file (one split): pass the test split's file with --test-data")
-    test = data.load(test_split_spec(args, cfg) if cfg.get("data") else (args.test_data or spec), "test", image_size)
+    test = data.load(test_split_spec(args, cfg), "test", image_size)
     if train.classes and test.labels is not None:  # test label i must mean the training split's class i
         test = data.relabel(test, train.classes, f"--test-data {args.test_data}" if args.test_data else f"--data {spec} (test split)")
     space = Space(train, args.vae_path or cfg.get("vae_path"), device, resolve_amp(args.amp, device))

@@ -805,7 +805,7 @@ def test_split_spec(args, cfg):
     if getattr(args, "test_data", None):
         return args.test_data
     if not getattr(args, "data", None) or args.data == cfg.get("data"):
-        return cfg.get("test_data") or cfg["data"]
+        return cfg.get("test_data") or cfg.get("data")
     return args.data
 
 

@@ -223,16 +223,14 @@ def save_checkpoint(ckpt_dir, model, ema=None, optimizer=None, step=0, config=No
     tmp, old = ckpt_dir + ".tmp", ckpt_dir + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+    save_safetensors(model.state_dict(), os.path.join(tmp, "model.safetensors"))  # with the user's umask
     if ema is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
+        save_safetensors(ema.state_dict(), os.path.join(tmp, "ema.safetensors"))
     state = {"step": step, "torch_rng": torch.get_rng_state(), "extra": extra or {}}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     torch.save(state, os.path.join(tmp, "state.pt"))
     save_json(os.path.join(tmp, "config.json"), config or {})
-    for name in os.listdir(tmp):
-        umask_mode(os.path.join(tmp, name))
     if os.path.exists(ckpt_dir):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(ckpt_dir, old)
