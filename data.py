@@ -638,6 +638,11 @@ def relabel(ds, classes, what):
 
 def labeled_subset(ds, labels_per_class=None, fraction=None, seed=0):
     """A class-balanced subset: labels_per_class images of each class, or that fraction of each class."""
+    return ds.subset(labeled_indices(ds, labels_per_class, fraction, seed))
+
+
+def labeled_indices(ds, labels_per_class=None, fraction=None, seed=0):
+    """The indices (sorted, into ds) of `labeled_subset`'s images: a pure function of (labels, counts, seed)."""
     if (labels_per_class is None) == (fraction is None):
         got = "neither" if labels_per_class is None else f"both: {labels_per_class} and {fraction}"
         raise UserError(f"give exactly one of --labels-per-class and --labeled-fraction (got {got})")
@@ -653,13 +658,13 @@ def labeled_subset(ds, labels_per_class=None, fraction=None, seed=0):
         if k > len(idx):
             raise UserError(f"--labels-per-class {k}: class {ds.classes[c]!r} has only {len(idx)} images")
         keep.append(idx[torch.randperm(len(idx), generator=g)[:k]])
-    return ds.subset(torch.cat(keep).sort().values)
+    return torch.cat(keep).sort().values
 
 # -----------------------------------------------------------------------------
 # batches: Loader (training), iterate (evaluation), stream (folders too big for memory)
 
 
-def _generator(*keys, device="cpu"):
+def keyed_generator(*keys, device="cpu"):
     """A torch.Generator seeded by a tuple of ints; the CPU one gives the same numbers everywhere."""
     seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
     return torch.Generator(device=device).manual_seed(seed)
@@ -701,7 +706,7 @@ class Loader:
 
     def _epoch_plan(self, epoch):
         if epoch != self._epoch:
-            g, n = _generator(self.seed, epoch), len(self.ds)
+            g, n = keyed_generator(self.seed, epoch), len(self.ds)
             perm = torch.randperm(n, generator=g)
             flip = torch.rand(n, generator=g) < 0.5
             shift = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=g)
@@ -719,7 +724,7 @@ class Loader:
             pick = lambda k: torch.where(flip[:, None, None, None], ds.latents[k + "_flip"][idx], ds.latents[k][idx])
             # noise for the whole global batch, of which the rank keeps its rows (same numbers on
             # every rank of one device type; CPU and CUDA generators differ)
-            g = _generator(self.seed, step, 1, device=self.device)
+            g = keyed_generator(self.seed, step, 1, device=self.device)
             eps = torch.randn((self.batch_size, *ds.sample_shape), generator=g, device=self.device)
             eps = eps[self.rank * self.local:(self.rank + 1) * self.local]
             return (pick("mean") + pick("std") * eps) * ds.scaling_factor, y
@@ -789,7 +794,7 @@ def stream(spec, batch_size, image_size=None, workers=4, shuffle=True, seed=0, r
     if batch_size % world_size or (shuffle and n < batch_size):
         raise UserError(f"--batch-size {batch_size}: must be divisible by {world_size} processes and at most {n}")
     if shuffle:  # endless; epoch e is the (seed, e) permutation cut into global batches
-        perms = (torch.randperm(n, generator=_generator(seed, e)).tolist() for e in itertools.count())
+        perms = (torch.randperm(n, generator=keyed_generator(seed, e)).tolist() for e in itertools.count())
         epochs = ([p[s + rank * local:s + (rank + 1) * local] for s in range(0, n - batch_size + 1, batch_size)]
                   for p in perms)
     else:

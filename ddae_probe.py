@@ -313,7 +313,7 @@ def _seed_step(seed, step, dist):
 def pretrain(args):
     """Unconditional (or --class-cond) diffusion training of a UNet preset with `fit` (EMA, AMP, compile, DDP,
     resume, checkpoints). --snapshot-every K also keeps a copy OUT_DIR/ckpt_STEP every K steps (for --ckpts)."""
-    dist = setup_distributed(args.device)
+    dist = setup_distributed(args.device, args.amp)
     compile_default(args, dist)
     if args.ema_decay is None:
         args.ema_decay = 0.9993 if args.objective == "edm" else 0.9999
@@ -392,7 +392,7 @@ def load_backbone(args, dist):
             net = load_weights(d, UNet(**cfg["unet"]))
         elif cfg.get("model") in DiT_models:  # a repcond_dit checkpoint: its denoiser, DDPM with its T
             net = DiTBackbone(load_weights(d, build_model(cfg)).denoiser)
-            cfg = dict(cfg, arch="dit", objective="ddpm", beta_range=[1e-4, 0.02])
+            cfg = dict(cfg, arch="dit", objective="ddpm", beta_range=[1e-4 * 1000 / cfg["T"], 0.02 * 1000 / cfg["T"]])  # DiT's rescaled T
         else:
             raise UserError(f"{d}/config.json: neither a ddae_probe nor a repcond_dit checkpoint")
         ident = os.path.join(d, "ema.safetensors")
@@ -481,7 +481,7 @@ def _cache_for(args, cfg, train, test, layers):
 
 def probe(args):
     """The layer x timestep grid of linear probes, the raw-pixel baseline, grid JSON/CSV/heatmap and the best cell."""
-    dist = setup_distributed(args.device)
+    dist = setup_distributed(args.device, args.amp)
     net, obj, space, train, test, cfg = load_backbone(args, dist)
     train, test = _labeled_sets(args, train, test)
     layers = _check_layers(net, args.layers)
@@ -535,7 +535,7 @@ def align(args):
     """Label-free alignment (eq. 3) and uniformity (eq. 4) of every layer's L2-normalised features at each t:
     two independent noisings of the same training image are the positive pair. With --grid, the Spearman rank
     correlation of each metric with the probe accuracy over the grid's cells (negative: lower loss, higher acc)."""
-    dist = setup_distributed(args.device)
+    dist = setup_distributed(args.device, args.amp)
     net, obj, space, train, _, cfg = load_backbone(args, dist)
     if args.n_images and args.n_images < len(train):
         train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.n_images])
@@ -617,7 +617,7 @@ def classify_accuracy(model, space, ds, dist, batch_size=256, amp="none"):
 def finetune(args):
     """Truncate at --layer, fix --t, train end to end on clean labeled images (fit); the same truncated
     network from a fresh init (`scratch`) with the same recipe is the baseline."""
-    dist = setup_distributed(args.device)
+    dist = setup_distributed(args.device, args.amp)
     compile_default(args, dist)
     net, obj, space, train, test, cfg = load_backbone(args, dist)
     layer, level = _cell_from_args(args, net, obj)
@@ -693,7 +693,7 @@ def _set_feature_stats(model, obj, space, ds, seed, batch_size, device, n=2048):
 
 def noisy(args):
     """Noise-conditional classifier on frozen features, trained on random t (fit); accuracy per noise level."""
-    dist = setup_distributed(args.device)
+    dist = setup_distributed(args.device, args.amp)
     compile_default(args, dist)
     net, obj, space, train, test, cfg = load_backbone(args, dist)
     layer, _ = _cell_from_args(args, net, obj, need_t=False)
@@ -799,7 +799,7 @@ def sample(args, feature_extractor=None):
     """`sample --ckpt C`: samples (+ FID). `--ckpts C1 C2 ...`: FID and (--probe) the best probe accuracy of each,
     tabulated with their Spearman correlation (the paper's generation vs recognition correlation).
     feature_extractor: a module for clean-fid in place of Inception (tests)."""
-    dist = setup_distributed(args.device)
+    dist = setup_distributed(args.device, args.amp)
     ckpts = args.ckpts or ([args.ckpt] if args.ckpt else [])
     if not ckpts:
         raise UserError("pass --ckpt CKPT_DIR or --ckpts CKPT_DIR ...")
@@ -849,7 +849,7 @@ def bench_grid(ckpt=None, dit_path=None, data_spec=None, t=None, layers=None, la
     argv += ["--t", *map(str, t)] if t else []
     argv += ["--layers", *layers] if layers else []
     args = build_parser().parse_args(argv)
-    dist = setup_distributed(args.device)
+    dist = setup_distributed(args.device, args.amp)
     net, obj, space, train, test, cfg = load_backbone(args, dist)
     train, test = _labeled_sets(args, train, test)
     layers = _check_layers(net, args.layers)

@@ -46,7 +46,7 @@ from safetensors.torch import load_file
 import data
 from data import UserError
 from training import (accuracy_f1, add_common_args, add_train_args, autocast, check_out_dir, cleanup_distributed,
-                      compile_default, find_checkpoint, fit, HelpFormatter, load_json, load_weights, Progress, resolve_amp, run,
+                      compile_default, find_checkpoint, fit, HelpFormatter, load_json, load_torch, load_weights, Progress, resolve_amp, run,
                       RunLog, save_curve, save_heatmap, save_json, save_safetensors, setup_distributed,
                       transformer_flops_per_image)
 from models import build_model, Diffusion, diffusion_loss, DiT, DiT_models, load_dit, UNet
@@ -131,6 +131,21 @@ def timestep_grid(T, n_slots, t=None, n_trials=1):
             raise UserError(f"--n-samples must lie in [1, T={T}], got {n_slots}")
         ts = list(range(T // n_slots // 2, T, T // n_slots))[:n_slots]
     return [x for x in ts for _ in range(n_trials)]
+
+
+def shared_noise(path, policy, shape):
+    """The official code's --noise_path: one noise tensor (N, C, H, W) (its scripts/save_noise.py: torch.manual_seed(42),
+    randn(1024, 4, S, S)) shared by every image and class. Row i is the i-th slot in evaluation order, as the official
+    code indexes it (eval_prob_dit.py --randomize_noise: slot j of the t grid; eval_prob_adaptive.py: the j-th timestep
+    evaluated, times n_trials, plus the trial). -> (M, C, H, W), slot-indexed."""
+    noise = load_torch(path, "noise tensor (N, C, H, W)")
+    M = len(policy.order)
+    if not torch.is_tensor(noise) or noise.dim() != 4 or tuple(noise.shape[1:]) != tuple(shape) or len(noise) < M:
+        got = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
+        raise UserError(f"--noise-path {path}: expected a tensor (N >= {M}, {', '.join(map(str, shape))}), got {got}")
+    out = torch.empty(M, *shape)
+    out[torch.tensor(policy.order)] = noise[:M].float()
+    return out
 
 
 def _mix(*keys):
@@ -316,17 +331,20 @@ def coarse_to_fine(items):
     return [items[i] for i in sorted(range(n), key=lambda i: int(format(i, f"0{bits}b")[::-1], 2))]
 
 
-def paper_policy(n_slots, n_samples, to_keep, alpha=0.0, every=1, min_n=3):
-    """The official adaptive schedule: stage s evaluates t_to_eval[M//n//2 :: M//n][:n] minus the slots
-    already done (M = max n_samples), then keeps the `to_keep` best classes. --n-samples 50 500 --to-keep 5 1
+def paper_policy(n_slots, n_samples, to_keep, alpha=0.0, every=1, min_n=3, n_trials=1):
+    """The official adaptive schedule: stage s evaluates t_to_eval[M//n//2 :: M//n][:n] minus the timesteps
+    already done (M = max n_samples timesteps), each with its n_trials noise draws (slots j * n_trials + r, as
+    `timestep_grid` lays them out), then keeps the `to_keep` best classes. --n-samples 50 500 --to-keep 5 1
     costs K*50 + 5*450 passes per image."""
+    n_t = n_slots // n_trials
     order, stages, done = [], [], set()
     for n, k in zip(n_samples, to_keep):
-        if not 1 <= n <= n_slots:
-            raise UserError(f"--n-samples {n}: must lie in [1, {n_slots}] (the grid size)")
-        new = [j for j in list(range(n_slots))[n_slots // n // 2::n_slots // n][:n] if j not in done]
-        order += coarse_to_fine(new) if alpha > 0 else new
+        if not 1 <= n <= n_t:
+            raise UserError(f"--n-samples {n}: must lie in [1, {n_t}] (the grid's timesteps)")
+        new = [j for j in list(range(n_t))[n_t // n // 2::n_t // n][:n] if j not in done]
         done.update(new)
+        new = [j * n_trials + r for j in new for r in range(n_trials)]
+        order += coarse_to_fine(new) if alpha > 0 else new
         stages.append((len(order), k))
     return Policy(order, stages, alpha, every, min_n)
 
@@ -526,16 +544,21 @@ def load_z0(ds, idx, space, device):
     return space.encode(x, generator=False).float()
 
 
-def classify_images(err_fn, space, ds, idx, policy, M, K, seed, stream, batch_size, alive0, device, on_batch=None, keep_E=True):
+def classify_images(err_fn, space, ds, idx, policy, M, K, seed, stream, batch_size, alive0, device, on_batch=None, keep_E=True,
+                    shared_noise=None):
     """Classify ds[idx] batch by batch. Returns per-image tensors (pred, nfe, err, delta, [E]) on the CPU and
-    calls on_batch(idx_batch, result, seconds) after each batch (the results file appends there)."""
+    calls on_batch(idx_batch, result, seconds) after each batch (the results file appends there). Each image's slot
+    noise is its own (slot_noise), or shared_noise (M, C, H, W) for every image (the official code's --noise_path)."""
     outs = {k: [] for k in ("pred", "nfe", "err", "delta", "E")}
     idx = list(map(int, idx))
     for s in range(0, len(idx), batch_size):
         ib = idx[s:s + batch_size]
         t0 = time.time()
         z0 = load_z0(ds, ib, space, device)
-        noise = torch.stack([slot_noise(z0.shape[1:], M, seed, stream, i, device) for i in ib])  # (B, M, C, H, W)
+        if shared_noise is not None:
+            noise = shared_noise.to(device)[None].expand(len(ib), *shared_noise.shape)  # (B, M, C, H, W)
+        else:
+            noise = torch.stack([slot_noise(z0.shape[1:], M, seed, stream, i, device) for i in ib])  # (B, M, C, H, W)
         a0 = alive0[None].expand(len(ib), K) if alive0 is not None else None
         r = run_policy(err_fn.bind(z0, noise), len(ib), K, M, policy, a0, device)
         r = {k: v.cpu() for k, v in r.items()}
@@ -695,6 +718,9 @@ def resolve_data(args, den, cfg, device):
                       f"(train --n-val); calibrating on those (pass --val-data for more)")
         else:
             tr = data.load(spec, "train", image_size, flag="--val-data")
+            if _same_data(tr, test) and cfg.get("kind") == "dit-official":
+                raise UserError(f"--n-val {args.n_val}: --data {spec} is one split, and an official DiT run classifies all of it; "
+                                "pass --val-data (e.g. ImageNet train latents) to calibrate, or --n-val 0")
             if _same_data(tr, test):  # a single file or folder: hold images out of the test set instead
                 perm = torch.randperm(len(test), generator=g)
                 val, avail = test.subset(perm[:args.n_val]), perm[args.n_val:].sort().values
@@ -711,13 +737,47 @@ def resolve_data(args, den, cfg, device):
     return test, avail, val, note, space
 
 
+# The official runs (the Diffusion Classifier release's commands.md), each flag as it ran there: Stable Diffusion zero-shot
+# (fp16, one noise draw per timestep) and DiT-XL/2 ImageNet (every class at 250 timesteps, fp32). --protocol NAME sets
+# them; a flag given with another value is refused rather than mixed in. Calibration is not part of them (--n-val 0).
+_SD = dict(schedule="paper", amp="fp16", n_noise=1, target="eps", weighting="uniform", seq_alpha=0.0, n_val=0, t=None)
+PROTOCOLS = {
+    "sd-cifar10": dict(_SD, n_samples=[50, 500], to_keep=[5, 1], loss="l1"),
+    "sd-stl10": dict(_SD, n_samples=[100, 500], to_keep=[5, 1], loss="l1"),
+    "sd-pets": dict(_SD, n_samples=[25, 250], to_keep=[5, 1], loss="l1"),
+    "sd-flowers": dict(_SD, n_samples=[20, 50, 100, 500], to_keep=[20, 10, 5, 1], loss="l1"),
+    "sd-food": dict(_SD, n_samples=[20, 50, 100, 500], to_keep=[20, 10, 5, 1], loss="l2"),
+    "sd-aircraft": dict(_SD, n_samples=[20, 50, 100, 500], to_keep=[20, 10, 5, 1], loss="l2"),
+    "sd-imagenet": dict(_SD, n_samples=[50, 100, 500, 1000], to_keep=[500, 50, 10, 1], loss="l2"),
+    "sd-objectnet": dict(_SD, n_samples=[50, 100, 500, 1000], to_keep=[25, 10, 5, 1], loss="l2"),
+    "dit-imagenet": dict(schedule="full", amp="none", n_noise=1, target="eps", weighting="uniform", seq_alpha=0.0, n_val=0,
+                         t=None, n_samples=[250], to_keep=[1], loss="l2"),
+}
+
+
+def apply_protocol(args):
+    """Set the flags of --protocol (PROTOCOLS); a flag the user set to another value than the protocol's is refused."""
+    if not getattr(args, "protocol", None):
+        return
+    q = argparse.ArgumentParser()
+    add_classify_args(q)
+    default = vars(q.parse_args([]))
+    for k, v in PROTOCOLS[args.protocol].items():
+        given = getattr(args, k)
+        if given != default[k] and given != v:
+            flag = "--" + k.replace("_", "-")
+            raise UserError(f"--protocol {args.protocol} runs {flag} {v}, not {given}: drop {flag} (or --protocol)")
+        setattr(args, k, v)
+
+
 def stage_args(args):
-    """(n_samples, to_keep) of the paper schedule from the flags; the grid size M is max(n_samples)."""
+    """(n_samples, to_keep) of the paper schedule from the flags, counted in timesteps (each with --n-noise draws,
+    the official n_trials); the grid has max(n_samples) timesteps."""
+    if args.n_noise < 1:
+        raise UserError(f"--n-noise {args.n_noise}: expected 1 or more draws per timestep")
     if args.t:
-        n_samples = args.n_samples or [len(args.t) * args.n_noise]
+        n_samples = args.n_samples or [len(args.t)]
     else:
-        if args.n_noise != 1:
-            raise UserError("--n-noise needs an explicit --t list (the stratified grid has one noise per timestep)")
         n_samples = args.n_samples or [50, 500]
     to_keep = args.to_keep or ([5, 1] if args.n_samples is None and not args.t else [1] * len(n_samples))
     if args.to_keep is None and len(n_samples) > 1 and args.n_samples is not None:
@@ -733,9 +793,10 @@ def build_policy(args, M, n_cand):
     if args.schedule == "full":
         return full_policy(M)
     n_samples, to_keep = stage_args(args)
-    if n_samples[-1] != M:
-        raise UserError(f"the last --n-samples stage ({n_samples[-1]}) must equal the number of slots ({M})")
-    return paper_policy(M, n_samples, [min(k, n_cand) for k in to_keep], args.seq_alpha, args.seq_every, args.seq_min_n)
+    if n_samples[-1] * args.n_noise != M:
+        raise UserError(f"the last --n-samples stage ({n_samples[-1]}) must equal the number of timesteps ({M // args.n_noise})")
+    return paper_policy(M, n_samples, [min(k, n_cand) for k in to_keep], args.seq_alpha, args.seq_every, args.seq_min_n,
+                        args.n_noise)
 
 
 def _cal_settings(args, grid):
@@ -833,15 +894,16 @@ def _sharded_images(err_fn, space, ds, policy, M, K, args, stream, alive0, dist)
 
 def classify(args):
     """Classify a data set with a class-conditional denoiser; resumable, shardable; merge -> metrics.json."""
-    dist = setup_distributed(args.device)
+    dist = setup_distributed(args.device, args.amp)
     compile_default(args, dist)
     si, sn = parse_shard(args.shard, dist)
+    apply_protocol(args)
     stage_args(args)  # flag errors before any work
     den, cfg = load_denoiser(args.ckpt, dist.device)
     log = print if dist.is_main else (lambda *a, **k: None)
     test, avail, val, val_note, space = resolve_data(args, den, cfg, dist.device)
     betas = getattr(den, "betas", (1e-4, 0.02))
-    diffusion = Diffusion(den.T, beta_start=betas[0], beta_end=betas[1], device=dist.device)
+    diffusion = Diffusion(den.T, beta_start=betas[0], beta_end=betas[1], device=dist.device, scale_to_T=den.kind != "ddae-unet")
     grid = timestep_grid(den.T, max(stage_args(args)[0]), args.t, args.n_noise)
     M, K = len(grid), den.num_classes
     alive0 = None
@@ -859,7 +921,8 @@ def classify(args):
            "indices": indices, "num_classes": K, "classes": args.classes, "class_names": den.classes,
            "t_grid": grid, "n_slots": M, "loss": args.loss, "target": args.target, "weighting": args.weighting,
            "schedule": args.schedule, "policy": policy.to_json(), "policy_text": policy.describe(grid),
-           "tau": None, "calibrated": None, "val_note": val_note}
+           "tau": None, "calibrated": None, "val_note": val_note, "protocol": args.protocol,
+           "noise": os.path.abspath(args.noise_path) if args.noise_path else "per image: (seed, image index)"}
     run_path = os.path.join(args.out_dir, "run.json")
     old = load_json(run_path) if os.path.exists(run_path) else None
 
@@ -873,6 +936,7 @@ def classify(args):
                      resolve_amp(args.amp, dist.device), args.compile)
     policy, cal = calibrate(args, err_fn, space, val, grid, K, alive0, policy, dist, log)
     run.update(policy=policy.to_json(), policy_text=policy.describe(grid), tau=cal["tau"], calibrated=cal["calibrated"])
+    noise = shared_noise(args.noise_path, policy, space.sample_shape) if args.noise_path else None
     os.makedirs(os.path.join(args.out_dir, "results"), exist_ok=True)
     if old is not None:
         refuse_another_run(("val_note", "tau", "calibrated"))
@@ -893,7 +957,7 @@ def classify(args):
         append_atomic(path, result_lines(ib, labels[torch.tensor(ib)], r, sec, args.save_errors))
         bar.update(len(ib), f" | {r['nfe'].float().mean():.1f} passes/image, {len(ib) / sec:.2f} img/s")
     classify_images(err_fn, space, test, todo, policy, M, K, args.seed, 0, args.batch_size, alive0, dist.device,
-                    on_batch=on_batch, keep_E=False)
+                    on_batch=on_batch, keep_E=False, shared_noise=noise)
     if dist.world_size > 1:
         torch_dist.barrier()
     if dist.is_main:
@@ -909,7 +973,7 @@ def train(args):
     """Train a class-conditional DiT (eps-prediction, linear betas) on a labeled data set, holding out
     --n-val train images for calibration. The checkpoint is repcond_dit.py's format (config.json +
     safetensors), so `repcond_dit.py sample/classify` read it too."""
-    dist = setup_distributed(args.device)
+    dist = setup_distributed(args.device, args.amp)
     compile_default(args, dist)
     torch.manual_seed(args.seed)  # initial weights: the same on every rank (fit starts the per-rank streams)
     ds = data.load(args.data, "train", args.image_size)
@@ -971,7 +1035,7 @@ def bench(args):
     """images/s of classification with a random-weight DiT: one flat batch (images x classes x timesteps)
     per forward, bf16 + compile on CUDA, against the naive loop (one forward per image and class, its
     timesteps batched, fp32 eager). Same passes per image in every mode."""
-    dist = setup_distributed(args.device)
+    dist = setup_distributed(args.device, args.amp)
     dev = dist.device
     C, H = args.latent_shape[0], args.latent_shape[1]
     dit = DiT(input_size=H, in_channels=C, num_classes=args.num_classes, learn_sigma=True, **DiT_models[args.model]).to(dev).eval()
@@ -1120,6 +1184,11 @@ def add_classify_args(q):
     q.add_argument("--max-batch", type=int, default=1024, help="denoiser passes per forward (images x classes x timesteps)")
     q.add_argument("--save-errors", action="store_true", help="also store every (class, slot) error per image")
     q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    q.add_argument("--protocol", default=None, choices=sorted(PROTOCOLS),
+                   help="an official run's flags exactly (README); unset: the flags as given (their defaults: the SD CIFAR-10 "
+                        "schedule 50/500 keep 5/1, with the l2 error of the paper's ELBO where the release's command uses l1)")
+    q.add_argument("--noise-path", default=None, help="a noise tensor (N, C, H, W) shared by every image, as the official "
+                                                     "--noise_path (rows in evaluation order); default: each image its own")
 
 
 def build_parser():

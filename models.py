@@ -216,13 +216,16 @@ class DiT(nn.Module):
         x = self.final_layer(x, c)  # (N, T, p*p*out_C)
         return unpatchify(x, self.patch_size, self.out_channels)
 
-    def forward_with_cfg(self, x, t, y, cfg_scale):
-        """Classifier-free guidance on eps: x and t are the un-doubled batch, y its labels."""
+    def forward_with_cfg(self, x, t, y, cfg_scale, guided_channels=None):
+        """Classifier-free guidance on eps: x (N, C, H, W) and t (N,) are the un-doubled batch, y (N,) its labels
+        -> (N, out_C, H, W). guided_channels: how many leading output channels get eps_u + s (eps_c - eps_u)
+        (None: all C of eps); the rest is the conditional prediction. The official DiT guides the first 3 of its
+        4 latent channels (a quirk its release keeps for reproducibility): guided_channels=3 reproduces it."""
         null = torch.full_like(y, self.num_classes)
-        out = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-        eps_c, eps_u = out[:, :self.in_channels].chunk(2)
-        eps = eps_u + cfg_scale * (eps_c - eps_u)
-        return torch.cat([eps, out[:len(x), self.in_channels:]], dim=1)
+        out = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2N, out_C, H, W)
+        cond, uncond = out.chunk(2)
+        k = self.in_channels if guided_channels is None else guided_channels
+        return torch.cat([uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k]), cond[:, k:]], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -601,10 +604,17 @@ UNet_models = {
 
 
 class Diffusion:
-    """Linear betas 1e-4..0.02 over T steps; gamma_t = sqrt(abar_t), delta_t = sqrt(1 - abar_t)."""
-    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02, device="cpu"):
+    """Linear betas over T steps; gamma_t = sqrt(abar_t), delta_t = sqrt(1 - abar_t).
+
+    beta_start..beta_end are given for 1000 steps and, with scale_to_T (DiT's and improved DDPM's
+    `get_named_beta_schedule("linear", T)`), multiplied by 1000 / T, so any T ends at about the same signal
+    fraction (abar_T ~ 4e-5 at T = 1000, 2e-5 at T = 100); scale_to_T=False takes them as the ends of this T's
+    schedule (DDAE's configs, which give beta_1 and beta_T for their own T).
+    """
+    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02, device="cpu", scale_to_T=True):
         self.T = T
-        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        scale = 1000 / T if scale_to_T else 1.0
+        betas = torch.linspace(scale * beta_start, scale * beta_end, T, dtype=torch.float64)
         abar = torch.cumprod(1 - betas, 0)
         self.alphas_cumprod = abar.float().to(device)
         self.gamma, self.delta = abar.sqrt().float().to(device), (1 - abar).sqrt().float().to(device)
@@ -660,7 +670,7 @@ class DDPMObjective:
 
     def __init__(self, T=1000, beta_range=(1e-4, 0.02), device="cpu"):
         self.T, self.beta_range = T, tuple(beta_range)
-        self.diffusion = Diffusion(T, beta_range[0], beta_range[1], device=device)
+        self.diffusion = Diffusion(T, beta_range[0], beta_range[1], device=device, scale_to_T=False)
 
     def loss(self, net, x0, step, seed, dist, y=None, class_dropout=0.0, null_label=0):
         g, n = step_generator(seed, step, x0.device), x0.shape[0]

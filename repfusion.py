@@ -533,7 +533,7 @@ def t_hist_summary(hist, t_max, rows=None, max_bins=20):
 
 def distill(args, teacher=None):
     """Train student + projector (+ policy + task head) against the frozen teacher's features at policy-chosen t."""
-    dist = setup_distributed(args.device)
+    dist = setup_distributed(args.device, args.amp)
     compile_default(args, dist)
     torch.manual_seed(args.seed)  # initial weights: the same on every rank (fit starts the per-rank streams)
     ds = data.load(args.data, "train", args.image_size)
@@ -652,7 +652,7 @@ def distill(args, teacher=None):
 def train_classifier(args, init=None):
     """finetune (init = a distill checkpoint: the student's weights) or scratch (init None): CE on the labeled
     subset, then top-1 accuracy on the test split."""
-    dist = setup_distributed(args.device)
+    dist = setup_distributed(args.device, args.amp)
     compile_default(args, dist)
     torch.manual_seed(args.seed)  # initial weights: the same on every rank (fit starts the per-rank streams)
     amp = resolve_amp(args.amp, dist.device)
@@ -722,7 +722,7 @@ def scratch(args):
 def train_teacher(args, out):
     """A small teacher for the bare run: the tiny DDPM UNet (base width --teacher-ch) trained with the DDPM eps
     objective on the same data, as `ddae_probe.py pretrain --model tiny` would; its checkpoint is that format."""
-    dist = setup_distributed(args.device)
+    dist = setup_distributed(args.device, args.amp)
     torch.manual_seed(args.seed)  # initial weights: the same on every rank
     ds = data.load(args.data, "train")
     space = Space(ds, None, dist.device)

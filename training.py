@@ -35,8 +35,9 @@ class Dist:
         self.is_main = rank == 0
 
 
-def setup_distributed(device_arg="auto"):
-    """Plain python or torchrun: nccl on CUDA, gloo on CPU; one process per GPU."""
+def setup_distributed(device_arg="auto", amp="auto"):
+    """Plain python or torchrun: nccl on CUDA, gloo on CPU; one process per GPU. TF32 matmuls and convolutions
+    are on unless amp is "none" (--amp none means fp32 throughout)."""
     cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
     if device_arg not in ("auto", "cuda", "cpu"):
         raise UserError(f"--device must be auto, cuda or cpu, got {device_arg!r}")
@@ -51,9 +52,13 @@ def setup_distributed(device_arg="auto"):
         rank, world, local, device = 0, 1, 0, "cuda:0" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(local)  # an index: torch.device("cuda") without one is refused
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    set_tf32(amp != "none")
     return Dist(rank, world, local, device)
+
+
+def set_tf32(on):
+    """TF32 for CUDA matmuls and cuDNN convolutions (a no-op on the CPU, where the flags are read by nothing)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(on)
 
 
 def cleanup_distributed():
@@ -429,8 +434,8 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        # EMA with a warm-up (Karras-style): early on it follows the model more closely
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        # EMA, optionally with a warm-up (Karras-style) that follows the model more closely early on
+        decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
         torch._foreach_lerp_(ema_params, model_params, 1 - decay)
         if ema_buffers:
             torch._foreach_copy_(ema_buffers, model_buffers)
@@ -470,15 +475,17 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
     return model, ema
 
 
-def add_train_args(p, steps, batch_size, lr):
-    """The training flags every script shares (same names everywhere)."""
+def add_train_args(p, steps, batch_size, lr, grad_clip=1.0, ema_warmup=True):
+    """The training flags every script shares (same names everywhere), with this stage's defaults."""
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=batch_size, help="global batch, across ranks")
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=0, help="linear lr warm-up steps")
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--grad-clip", type=float, default=grad_clip, help="max global gradient norm (0: no clipping)")
     p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=ema_warmup,
+                   help="EMA decay min(--ema-decay, (1 + step) / (10 + step)): it follows the model closely early on")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint interval: at the first log step at or past each multiple")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR/ckpt (the flags that shape the run must match)")
@@ -596,13 +603,23 @@ RESUMABLE = {"steps", "resume", "overwrite", "log_every", "ckpt_every", "device"
 
 
 def accuracy_f1(pred, target, num_classes):
-    """Accuracy, macro-F1 and the confusion matrix (rows: true class, columns: predicted)."""
+    """Accuracy, macro-F1 and the confusion matrix (rows: true class, columns: predicted).
+    pred, target: (N,) class indices in [0, num_classes). Macro-F1 averages over the classes that occur in
+    either. For a binary task's F1 (the positive class's), see `binary_f1`."""
     pred, target = pred.cpu().long(), target.cpu().long()
     cm = torch.bincount(target * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
     tp = cm.diag().float()
     f1 = 2 * tp / (cm.sum(0) + cm.sum(1)).float().clamp(min=1)
     present = (cm.sum(1) + cm.sum(0)) > 0
     return (tp.sum() / cm.sum().clamp(min=1)).item(), f1[present].mean().item(), cm
+
+
+def binary_f1(cm, positive=1):
+    """F1 of one class from a confusion matrix (rows: true, columns: predicted): the F1 of a binary task, as
+    papers report it (e.g. paper 000's hematoma detection). 0 when the class is never true nor predicted."""
+    tp = cm[positive, positive].item()
+    denom = cm[positive, :].sum().item() + cm[:, positive].sum().item()
+    return 2 * tp / denom if denom else 0.0
 
 
 def linear_probe(train_x, train_y, test_x, test_y, num_classes, steps=500, lr=1e-2, weight_decay=1e-4):

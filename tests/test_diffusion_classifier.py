@@ -319,3 +319,52 @@ def test_dc0_single_timestep_x0_error(trained, tmp_path):
         run(classify_args(trained, tmp_path / "bad", "--n-noise", "2"))
     with pytest.raises(UserError, match="--shard"):
         run(classify_args(trained, tmp_path / "bad2", "--shard", "2/2"))
+
+
+# ---------------------------------------------------------------------------------------------- official protocols
+
+def test_noise_draws_per_timestep_on_the_stratified_grid_follow_the_official_order():
+    """eval_prob_adaptive.py --n_trials: each timestep of a stage carries its n_trials draws, adjacent."""
+    assert dc.timestep_grid(1000, 4, None, 2) == [125, 125, 375, 375, 625, 625, 875, 875]
+    pol = dc.paper_policy(8, [2, 4], [2, 1], n_trials=2)
+    assert pol.order == [2, 3, 6, 7, 0, 1, 4, 5] and pol.stages == [(4, 2), (8, 1)]
+    args = dc.build_parser().parse_args(["classify", "--n-samples", "2", "4", "--to-keep", "2", "1", "--n-noise", "2"])
+    assert dc.build_policy(args, 8, 10).order == pol.order
+
+
+def test_shared_noise_file_rows_are_slots_in_evaluation_order(tmp_path):
+    """--noise-path: row i is the i-th (timestep, trial) evaluated, as the official code indexes its noise file."""
+    noise = torch.randn(10, 4, 2, 2)
+    torch.save(noise, tmp_path / "noise_16.pt")
+    pol = dc.paper_policy(8, [2, 4], [2, 1], n_trials=2)
+    out = dc.shared_noise(str(tmp_path / "noise_16.pt"), pol, (4, 2, 2))
+    assert all(torch.equal(out[j], noise[i]) for i, j in enumerate(pol.order))
+    with pytest.raises(UserError, match=r"--noise-path .*noise_16.pt: expected a tensor \(N >= 8, 3, 2, 2\), got \(10, 4, 2, 2\)"):
+        dc.shared_noise(str(tmp_path / "noise_16.pt"), pol, (3, 2, 2))
+
+
+def test_protocol_sets_the_official_flags_and_refuses_a_conflicting_one():
+    args = dc.build_parser().parse_args(["classify", "--protocol", "dit-imagenet"])
+    dc.apply_protocol(args)
+    assert (args.schedule, args.amp, args.n_samples, args.loss, args.n_val) == ("full", "none", [250], "l2", 0)
+    assert dc.timestep_grid(1000, max(dc.stage_args(args)[0])) == list(range(2, 1000, 4))  # eval_prob_dit.py --t_interval 4
+    args = dc.build_parser().parse_args(["classify", "--protocol", "sd-cifar10"])
+    dc.apply_protocol(args)
+    assert (args.n_samples, args.to_keep, args.loss, args.amp) == ([50, 500], [5, 1], "l1", "fp16")  # commands.md, CIFAR-10
+    args = dc.build_parser().parse_args(["classify", "--protocol", "sd-cifar10", "--loss", "huber"])
+    with pytest.raises(UserError, match="--protocol sd-cifar10 runs --loss l1, not huber: drop --loss"):
+        dc.apply_protocol(args)
+
+
+def test_official_dit_shared_noise_and_a_single_file_test_set(tmp_path):
+    ckpt, lat = _official_file(tmp_path, "DiT-B/2"), _latents_file(tmp_path / "lat.safetensors", n=2)
+    base = ["classify", "--ckpt", str(ckpt), "--data", str(lat), "--classes", "1", "2", "--n-samples", "2", "--device", "cpu", "--no-progress"]
+    with pytest.raises(UserError, match="--n-val 200: .*lat.safetensors is one split.* pass --val-data .* or --n-val 0"):
+        run([*base, "--out-dir", str(tmp_path / "refused")])  # the test images stay test images
+    torch.save(torch.randn(4, 4, 32, 32), tmp_path / "noise_256.pt")
+    errs = []
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        run([*base, "--n-val", "0", "--seed", str(seed), "--noise-path", str(tmp_path / "noise_256.pt"), "--out-dir", str(out)])
+        errs.append([json.loads(line)["err"] for line in open(out / "results" / "shard-0000-of-0001.jsonl")])
+    assert errs[0] == errs[1]  # the noise is the file's, not the seed's

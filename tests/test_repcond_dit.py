@@ -135,7 +135,7 @@ def test_dc0_shares_eps_across_classes_and_picks_the_best_reconstruction():
     model.denoiser = Stub()
     z0 = torch.randn(3, 3, 8, 8)
     z0_rep = z0.repeat_interleave(4, 0)
-    errs = rd.dc0_errors(model, diffusion, z0, 400, 4, 2, torch.Generator().manual_seed(0))
+    errs = rd.dc0_errors(model, diffusion, z0, 400, 4, torch.randn(2, *z0.shape, generator=torch.Generator().manual_seed(0)))
     assert errs.argmin(1).tolist() == [2, 2, 2]
     for z_t, y in seen:
         z_t = z_t.view(-1, 4, *z_t.shape[1:])
@@ -143,7 +143,62 @@ def test_dc0_shares_eps_across_classes_and_picks_the_best_reconstruction():
         assert y.tolist() == [0, 1, 2, 3] * (len(y) // 4)
 
 
+def test_cfg_can_guide_the_first_three_channels_as_the_official_dit():
+    """The official DiT's forward_with_cfg: eps[:, :3] guided, eps[:, 3] and the variance channels conditional."""
+    torch.manual_seed(0)
+    model = models.DiT(input_size=16, in_channels=4, num_classes=4, learn_sigma=True, **models.DiT_models["DiT-XS/4"])
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    x, t, y, s = torch.randn(2, 4, 16, 16), torch.tensor([5, 500]), torch.tensor([0, 3]), 4.0
+    with torch.no_grad():
+        cond, uncond = model(x, t, y=y), model(x, t, y=torch.full_like(y, 4))
+        official = torch.cat([uncond[:, :3] + s * (cond[:, :3] - uncond[:, :3]), cond[:, 3:]], dim=1)
+        ours_all = torch.cat([uncond[:, :4] + s * (cond[:, :4] - uncond[:, :4]), cond[:, 4:]], dim=1)
+        assert torch.allclose(model.forward_with_cfg(x, t, y, s, guided_channels=3), official, atol=1e-5)
+        assert torch.allclose(model.forward_with_cfg(x, t, y, s), ours_all, atol=1e-5)
+        assert not torch.allclose(official, ours_all, atol=1e-3)
+
+
+def test_T_below_1000_rescales_the_betas_as_dit():
+    """DiT's get_named_beta_schedule("linear", T): betas linspace(1e-4, 0.02) * 1000 / T, so sampling from pure noise
+    stays right at small T (unscaled, T = 100 would end with a signal fraction sqrt(abar) of 0.60)."""
+    import numpy as np
+    for T in (100, 250, 1000):
+        ref = np.cumprod(1 - np.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T))
+        assert np.allclose(models.Diffusion(T).alphas_cumprod.double().numpy(), ref, rtol=1e-5)
+    assert abs(models.Diffusion(100).alphas_cumprod[-1].item() - 2.039e-5) < 1e-8
+    assert models.Diffusion(100, scale_to_T=False).alphas_cumprod[-1].sqrt().item() > 0.6  # DDAE's convention: as given
+
+
+def test_binary_f1_is_the_positive_class_f1():
+    cm = torch.tensor([[50, 10], [5, 35]])  # rows: true; class 1: tp 35, fn 5, fp 10
+    assert training.binary_f1(cm, 1) == 2 * 35 / (2 * 35 + 5 + 10)
+    assert training.binary_f1(cm, 0) == 2 * 50 / (2 * 50 + 10 + 5)
+    assert abs(training.accuracy_f1(torch.tensor([0] * 50 + [1] * 10 + [0] * 5 + [1] * 35), torch.tensor([0] * 60 + [1] * 40), 2)[1]
+               - (training.binary_f1(cm, 0) + training.binary_f1(cm, 1)) / 2) < 1e-6
+
+
+def test_amp_none_turns_tf32_off():
+    training.setup_distributed("cpu", "auto")
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    training.setup_distributed("cpu", "none")
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+
+
 # ---------------------------------------------------------------------------------------------- training
+
+def test_dit_training_defaults_are_the_official_recipe(tmp_path):
+    """No gradient clipping and EMA 0.9999 from step 0 (DiT's train.py); the warm-up and clipping are flags."""
+    for stage in ("pretrain", "tune"):
+        a = rd.build_parser().parse_args([stage, "--ckpt", "x"] if stage == "tune" else [stage])
+        assert (a.grad_clip, a.ema_warmup, a.ema_decay, a.lr, a.weight_decay, a.batch_size) == (0.0, False, 0.9999, 1e-4, 0.0, 256)
+    run(["pretrain", "--out-dir", str(tmp_path), "--steps", "1", "--batch-size", "4", "--lr", "1e-2", *TINY])
+    torch.manual_seed(0)  # pretrain's seed before it builds the model: the initial weights
+    init = rd.build_model(json.load(open(tmp_path / "ckpt" / "config.json"))).state_dict()
+    model, ema = load_file(tmp_path / "ckpt" / "model.safetensors"), load_file(tmp_path / "ckpt" / "ema.safetensors")
+    k = "denoiser.final_layer.linear.weight"  # zero at init (adaLN-Zero), moved by the first step
+    assert torch.allclose(ema[k], init[k].lerp(model[k], 1e-4), atol=1e-7) and not torch.equal(model[k], init[k])
+
 
 def test_resume_is_exact(tmp_path):
     common = ["--steps", "12", "--batch-size", "16", "--log-every", "3", "--ckpt-every", "6", *TINY]
@@ -174,11 +229,11 @@ def tuned(tmp_path_factory):
     """Pre-train with and without representation conditioning at the same budget, then tune the first
     (shapes at 16x16, as the bare run: a step costs a third of one at 32x32, so the tune can be longer)."""
     out = types.SimpleNamespace(dir=tmp_path_factory.mktemp("pipe"))
-    budget = ["--steps", "200", "--batch-size", "32", "--lr", "1e-3", "--log-every", "50", *SMALL]
+    budget = ["--steps", "200", "--batch-size", "32", "--lr", "1e-3", "--log-every", "50", "--ema-warmup", "--grad-clip", "1", *SMALL]
     out.rep = run(["pretrain", "--out-dir", str(out.dir / "pre"), *budget])
     out.none = run(["pretrain", "--out-dir", str(out.dir / "none"), "--cond", "none", *budget])
     run(["tune", "--ckpt", str(out.dir / "pre" / "ckpt"), "--out-dir", str(out.dir / "tune"), "--labels-per-class", "50",
-         "--steps", "600", "--batch-size", "32", "--lr", "1e-3", "--log-every", "100", "--device", "cpu"])
+         "--steps", "600", "--batch-size", "32", "--lr", "1e-3", "--log-every", "100", "--ema-warmup", "--grad-clip", "1", "--device", "cpu"])
     return out
 
 
@@ -191,6 +246,26 @@ def test_representation_conditioning_lowers_the_loss_at_equal_budget(tuned):
     assert cfg["cond"] == "rep" and cfg["sample_shape"] == [3, 16, 16]
     keys = load_file(tuned.dir / "pre" / "ckpt" / "model.safetensors").keys()
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
+
+
+def test_tune_starts_exactly_where_pretraining_left_off(tuned, tmp_path):
+    """Before any update (lr 0), the tuned DiT with label k predicts what the pre-trained denoiser predicts given the
+    class-k mean representation in its blocks and the labeled set's mean decode map at its input (--map-init mean)."""
+    run(["tune", "--ckpt", str(tuned.dir / "pre" / "ckpt"), "--out-dir", str(tmp_path), "--labels-per-class", "5", "--steps", "1",
+         "--lr", "0", "--batch-size", "8", "--device", "cpu"])
+    pre, pcfg, ds, space = models.load_run(str(tuned.dir / "pre" / "ckpt"), "cpu", kinds=("dit",))
+    tuned_model, cfg, _, _ = models.load_run(str(tmp_path / "ckpt"), "cpu", kinds=("dit",))
+    lab = ds.subset(torch.tensor(cfg["labeled_indices"]))
+    with torch.no_grad():
+        tokens, r = pre.encoder(space.encode(lab.images.float() / 127.5 - 1, generator=False))
+        mean_map = pre.encoder.decode(tokens).mean(0, keepdim=True)
+        z_t, t = torch.randn(3, *space.sample_shape), torch.tensor([10, 200, 700])
+        for k in (0, 4):
+            r_k = r[lab.labels == k].mean(0, keepdim=True).expand(3, -1)
+            want = pre.denoiser(z_t, t, r=r_k, x_map=mean_map.expand(3, -1, -1, -1))
+            got = tuned_model.denoiser(z_t, t, y=torch.full((3,), k))
+            assert torch.allclose(got, want, atol=1e-5)
+            assert not torch.allclose(got, pre.denoiser(z_t, t, r=r_k), atol=1e-3)  # the map matters: dropping it is not exact
 
 
 def test_tuned_model_is_an_official_format_class_conditional_dit(tuned):
@@ -208,6 +283,21 @@ def test_classify_beats_chance_and_writes_its_outputs(tuned):
     assert m["nfe_per_image"] == 10 * 2 and m["best_t_chosen_on"] == "val"
     for f in ("metrics.json", "confusion.png", "sweep.png"):
         assert (tuned.dir / "cls" / f).exists()
+    # t is chosen on train images that tune never saw; both sets are recorded
+    tuned_on = json.load(open(tuned.dir / "tune" / "ckpt" / "config.json"))["labeled_indices"]
+    assert len(tuned_on) == 10 * 50 and len(m["val_indices"]) == 100 and m["val_excludes_tune_set"]
+    assert not set(tuned_on) & set(m["val_indices"]) and "f1" not in m  # ten classes: macro-F1 only
+
+
+def test_dc0_noise_is_a_function_of_the_image_not_the_batch(tuned):
+    """Image i's noise comes from (seed, i, draw, t): other batch sizes (and rank splits) give the same errors."""
+    model, cfg, ds, space = models.load_run(str(tuned.dir / "tune" / "ckpt"), "cpu", kinds=("dit",))
+    sub, index = ds.subset(torch.arange(20, 30)), torch.arange(20, 30)
+    dist, diffusion = training.Dist(), models.Diffusion(cfg["T"])
+    a = rd.dc0_sweep(model, space, sub, index, diffusion, [50, 300], 2, 0, dist, batch_size=3, max_batch=64)
+    b = rd.dc0_sweep(model, space, sub, index, diffusion, [50, 300], 2, 0, dist, batch_size=10, max_batch=2048)
+    c = rd.dc0_sweep(model, space, sub.subset(torch.arange(5, 10)), index[5:], diffusion, [50, 300], 2, 0, dist, 4, 64)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a[:, 5:], c, atol=1e-5)
 
 
 def test_probe_on_r_beats_chance(tuned):
@@ -230,10 +320,17 @@ def test_sample_with_labels_and_cfg_writes_a_grid(tuned):
     assert (tuned.dir / "samples" / "samples.png").exists() and m["n"] == 8
 
 
-def test_sample_conditioned_on_representations(tuned):
-    run(["sample", "--ckpt", str(tuned.dir / "pre" / "ckpt"), "--out-dir", str(tuned.dir / "rsamples"), "--n-images", "4",
-         "--sample-steps", "5", "--device", "cpu"])
-    assert (tuned.dir / "rsamples" / "samples.png").exists()
+def test_sample_fid_names_what_it_measures(tuned, monkeypatch):
+    """Against the train split by default; a representation-conditioned model's score is a reconstruction FID."""
+    monkeypatch.setattr(training, "inception", lambda path, device: TinyFeatures())  # 64 features, no download
+    monkeypatch.setattr(training, "INCEPTION_DIM", 64)
+    fid = ["--fid", "--n-fid", "80", "--batch-size", "40", "--sample-steps", "5", "--device", "cpu"]
+    m = run(["sample", "--ckpt", str(tuned.dir / "pre" / "ckpt"), "--out-dir", str(tuned.dir / "rsamples"), *fid])
+    assert (tuned.dir / "rsamples" / "samples.png").exists() and "fid" not in m and m["fid_recon"] >= 0
+    assert m["fid_reference"] == "train split" and m["fid_n_reference"] == m["fid_n_generated"] == 80
+    assert m["fid_conditioning"] == "r and decode map of the 80 reference images"
+    m = run(["sample", "--ckpt", str(tuned.dir / "tune" / "ckpt"), "--out-dir", str(tuned.dir / "fsamples"), "--fid-ref", "test", *fid])
+    assert m["fid"] >= 0 and m["fid_reference"] == "test split" and "fid_recon" not in m
 
 
 # ---------------------------------------------------------------------------------------------- bad input
