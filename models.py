@@ -424,6 +424,7 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch or (resample and resample_proj) else nn.Identity()
         self.attn = AttnBlock(out_ch, skip_scale, heads, norm) if attn else None
+        self.res_out = nn.Identity()  # no weights: where a hook reads the res path before the attention (official names)
         self.resample, self.skip_scale, self.scale_shift, self.out_ch = resample, skip_scale, scale_shift, out_ch
 
     def _resample(self, x):
@@ -443,7 +444,7 @@ class ResBlock(nn.Module):
         else:
             h = self.norm2(h + e)
         h = self.conv2(self.dropout(F.silu(h)))
-        x = (self.skip(x) + h) * self.skip_scale
+        x = self.res_out((self.skip(x) + h) * self.skip_scale)
         return self.attn(x) if self.attn is not None else x
 
 
@@ -736,6 +737,8 @@ def official_module(net, path):
     if found is None:
         return None
     ours, kind, rest = found
+    if kind == "res" and not rest and getattr(net.get_submodule(ours), "attn", None) is not None:
+        return ours + ".res_out"  # their res block ends before the attention that ours holds
     if rest:
         leaves = {"res": _RES_LEAVES, "attn": _ATTN_LEAVES, "resample": _RESAMPLE_LEAVES}.get(kind, {})
         ours = f"{ours}.{leaves.get(rest, rest)}"
@@ -862,6 +865,9 @@ def _diffusers_files(path):
         d = os.path.join(d, "unet")
     if not os.path.isfile(os.path.join(d, "config.json")):
         return None
+    c = load_json(os.path.join(d, "config.json"))
+    if not isinstance(c, dict) or not ({"_class_name", "_diffusers_version", "block_out_channels"} & set(c)):
+        return None  # e.g. a training run's config.json
     if os.path.isdir(path):
         weights = next((os.path.join(d, f) for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
                         if os.path.isfile(os.path.join(d, f))), None)
