@@ -683,14 +683,15 @@ def _official_block(net, path):
     def kind(p):
         return "res" if isinstance(net.get_submodule(p), ResBlock) else "resample"
 
-    def adm_out(k, sub):  # output_blocks.k[.sub]
+    def adm_out(k, sub):  # output_blocks.k[.sub]: res block j of decoder level r [, its attention] [, the upsampler]
         r, j = divmod(k, L + 1)
-        res, up = f"up.{r * (L + 2) + j}", (f"up.{r * (L + 2) + L + 1}" if j == L and r < n - 1 else None)
+        res = f"up.{r * (L + 2) + j}"
+        up = f"up.{r * (L + 2) + L + 1}" if j == L and r < n - 1 else None
         if sub is None:
-            return up or res, "plain"
-        has_attn = net.get_submodule(res).attn is not None
-        target = {0: res, 1: res + ".attn" if has_attn else up, 2: up if has_attn else None}.get(sub)
-        return (target, "res" if sub == 0 else "attn" if target and target.endswith(".attn") else target and kind(target))
+            return up or res, "plain"  # the whole output block ends with its last module
+        subs = [(res, "res")] + [(res + ".attn", "attn")] * (net.get_submodule(res).attn is not None)
+        subs += [(up, kind(up))] if up else []
+        return subs[sub] if sub < len(subs) else (None, None)
 
     patterns = [
         (r"down_blocks\.(\d+)\.resnets\.(\d+)", lambda i, j: (f"down.{i * (L + 1) + j}", "res")),
