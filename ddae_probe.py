@@ -45,7 +45,7 @@ from training import (add_common_args, add_train_args, autocast, check_out_dir, 
                       load_json, load_torch, load_weights, Progress, resolve_amp, run, RunLog, save_curve, save_heatmap,
                       save_image_grid, save_json, save_safetensors, setup_distributed, step_generator)
 from models import (build_model, DiT_models, FinalLayer, GlobalDropout, load_dit, load_unet, make_objective, mem_format,
-                    test_split_spec, timestep_embedding, UNet, UNet_models, unpatchify)
+                    test_split_spec, timestep_embedding, UNet, unet_file_kind, UNet_models, unpatchify)
 from vae import Space
 
 # ----------------------------------------------------------------------------------------------
@@ -387,6 +387,8 @@ def load_backbone(args, dist):
             raise UserError("pass --ckpt or --unet-path, not both")
         net, cfg = load_unet(args.unet_path, device)
         ident = args.unet_path
+    elif getattr(args, "ckpt", None) and unet_file_kind(args.ckpt):
+        raise UserError(f"--ckpt {args.ckpt}: a public UNet (diffusers or guided-diffusion); pass it as --unet-path")
     elif getattr(args, "ckpt", None) and os.path.isfile(args.ckpt):
         net = DiTBackbone(load_dit(args.ckpt, device))
         cfg = dict(arch="dit", objective="ddpm", T=1000, beta_range=[1e-4, 0.02], data=None, image_size=None, vae_path=None)

@@ -521,7 +521,8 @@ class UNet(nn.Module):
                             resample_proj=resample_proj, norm=norm)
 
         def block(in_ch, out_ch, attn=False, resample=None):
-            return res_block(in_ch, out_ch, attn=attn, resample=resample, heads=out_ch // head_channels if head_channels else num_heads)
+            heads = out_ch // head_channels if head_channels else num_heads
+            return res_block(in_ch, out_ch, attn=attn, resample=resample, heads=heads)
         down, skips, cur, res, self.layers = [], [ch], ch, image_size, []
         for i, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
@@ -839,9 +840,10 @@ def unet_kwargs_from_diffusers(c, where):
             refuse(f"sample_size {size} (not square)")
         size = size[0]
     return dict(in_channels=c.get("in_channels", 3), out_channels=c.get("out_channels", 3), image_size=size, ch=ch,
-                ch_mult=[w // ch for w in widths], num_res_blocks=L, attn_res=[size // 2 ** i for i, t in enumerate(down) if _DIFFUSERS_DOWN[t]],
-                dropout=c.get("dropout", 0.0), sin_first=not c.get("flip_sin_to_cos", True), freq_shift=c.get("freq_shift", 0),
-                norm_groups=groups, norm_eps=c.get("norm_eps", 1e-5), head_channels=head, downsample_padding=c.get("downsample_padding", 1))
+                ch_mult=[w // ch for w in widths], num_res_blocks=L,
+                attn_res=[size // 2 ** i for i, t in enumerate(down) if _DIFFUSERS_DOWN[t]], dropout=c.get("dropout", 0.0),
+                sin_first=not c.get("flip_sin_to_cos", True), freq_shift=c.get("freq_shift", 0), norm_groups=groups,
+                norm_eps=c.get("norm_eps", 1e-5), head_channels=head, downsample_padding=c.get("downsample_padding", 1))
 
 
 def _diffusers_schedule(path):
@@ -878,8 +880,8 @@ def _diffusers_files(path):
         weights = path
     else:
         return None
-    sched = next((p for p in (os.path.join(d, "scheduler_config.json"), os.path.join(d, "..", "scheduler", "scheduler_config.json"))
-                  if os.path.isfile(p)), None)
+    beside, pipeline = os.path.join(d, "scheduler_config.json"), os.path.join(d, "..", "scheduler", "scheduler_config.json")
+    sched = next((p for p in (beside, pipeline) if os.path.isfile(p)), None)
     return os.path.join(d, "config.json"), weights, sched
 
 
@@ -914,16 +916,17 @@ def _adm_kwargs(sd, path, flags=None):
     size = (flags or {}).get("image_size") or ADM_SIZES.get(n)
     release = ADM_RELEASES.get((size, ch, num_classes > 0))
     flags = dict(release or {}, **(flags or {}))
-    if "schedule" not in flags or "new_order" not in flags or not (flags.get("head_channels") or flags.get("num_heads")) or size is None:
-        raise UserError(f"{path}: a guided-diffusion UNet of {n} levels, width {ch}, {num_classes} classes is not a known release "
-                        f"(known: {', '.join(f'{s} px width {w}' for s, w, _ in ADM_RELEASES)}); its heads, attention order and "
-                        f"schedule cannot be read off the weights")
+    heads_known = flags.get("head_channels") or flags.get("num_heads")
+    if "schedule" not in flags or "new_order" not in flags or not heads_known or size is None:
+        known = ", ".join(sorted({f"{s} px width {w}" for s, w, _ in ADM_RELEASES}))
+        raise UserError(f"{path}: a guided-diffusion UNet of {n} levels, width {ch}, {num_classes} classes is not a known "
+                        f"release (known: {known}); its heads, attention order and schedule cannot be read off the weights")
     if n_out % (L + 1) or any(w % ch for w in widths):
         raise UserError(f"{path}: output blocks {n_out} / widths {widths} do not form a guided-diffusion UNet")
-    kw = dict(in_channels=in_ch, out_channels=out_ch, image_size=size, ch=ch, ch_mult=[w // ch for w in widths], num_res_blocks=L,
-              attn_res=[size // 2 ** i for i in range(n) if attn[i]], dropout=0.0, resblock_updown=updown, num_classes=num_classes,
-              null_label=False, norm_eps=1e-5, head_channels=flags.get("head_channels"), num_heads=flags.get("num_heads") or 1,
-              scale_shift=scale_shift, resample_proj=False)
+    kw = dict(in_channels=in_ch, out_channels=out_ch, image_size=size, ch=ch, ch_mult=[w // ch for w in widths],
+              num_res_blocks=L, attn_res=[size // 2 ** i for i in range(n) if attn[i]], dropout=0.0, resblock_updown=updown,
+              num_classes=num_classes, null_label=False, norm_eps=1e-5, head_channels=flags.get("head_channels"),
+              num_heads=flags.get("num_heads") or 1, scale_shift=scale_shift, resample_proj=False)
     return kw, flags["new_order"], flags["schedule"]
 
 
@@ -960,16 +963,17 @@ def load_unet(path, device="cpu", adm_flags=None):
     Raises UserError in one line for a missing path, an unknown format, an unsupported config, or weights that do not
     fit (missing / unexpected keys, shape mismatches)."""
     if not os.path.exists(path):
-        raise UserError(f"{path}: no such file or folder (expected a diffusers UNet2DModel folder or a guided-diffusion .pt file)")
+        raise UserError(f"{path}: no such file or folder (expected a diffusers UNet2DModel folder or a guided-diffusion "
+                        f".pt file)")
     files = _diffusers_files(path)
     if files is not None:
         config_path, weights, sched = files
         kw, source = unet_kwargs_from_diffusers(load_json(config_path), config_path), "diffusers"
-        schedule, sd = _diffusers_schedule(sched), _read_state_dict(weights)
+        schedule, sd = _diffusers_schedule(sched), strip_wrapper_prefixes(_read_state_dict(weights))
     elif os.path.isdir(path):
         raise UserError(f"{path}: folder without config.json (expected a diffusers UNet2DModel folder)")
     else:
-        weights, source, sd = path, "adm", _read_state_dict(path)
+        weights, source, sd = path, "adm", strip_wrapper_prefixes(_read_state_dict(path))
         if "input_blocks.0.0.weight" not in sd:
             raise UserError(f"{path}: neither a guided-diffusion UNet (no input_blocks.0.0.weight) nor a diffusers weights "
                             f"file with config.json beside it")
@@ -1187,7 +1191,8 @@ class EDMObjective:
 def make_objective(cfg, device="cpu"):
     if cfg["objective"] == "edm":
         return EDMObjective(**cfg.get("edm", {}))
-    return DDPMObjective(cfg.get("T", 1000), cfg.get("beta_range", (1e-4, 0.02)), device=device, schedule=cfg.get("schedule", "linear"))
+    return DDPMObjective(cfg.get("T", 1000), cfg.get("beta_range", (1e-4, 0.02)), device=device,
+                         schedule=cfg.get("schedule", "linear"))
 
 
 def mem_format(x):

@@ -124,6 +124,11 @@ def test_the_schedule_comes_with_the_folder(tmp_path):
     obj = models.make_objective(cfg)
     ref = diffusers.DDPMScheduler.from_pretrained(str(tmp_path)).alphas_cumprod
     assert obj.T == 500 and torch.allclose(obj.diffusion.alphas_cumprod, ref, rtol=1e-5)
+    pipe = tmp_path / "pipeline"  # a pipeline folder: unet/ and scheduler/ side by side
+    diffusers_folder(pipe / "unet", shrink(CIFAR10, [32, 32, 32, 32]))
+    diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_config(str(pipe / "scheduler"))
+    _, cfg = models.load_unet(str(pipe))
+    assert cfg["schedule"] == "cosine" and models.unet_file_kind(str(pipe)) == "diffusers"
     diffusers.DDPMScheduler(prediction_type="v_prediction").save_config(str(tmp_path))
     with pytest.raises(UserError, match="prediction_type 'v_prediction'"):
         models.load_unet(str(tmp_path))
@@ -470,6 +475,29 @@ def test_ddae_probe_reads_a_public_unet(tmp_path, public_unets, fmt, layers, our
     with pytest.raises(UserError, match="--ckpt or --unet-path, not both"):
         dp.main(dp.build_parser().parse_args(["probe", "--unet-path", public_unets[fmt], "--ckpt", public_unets[fmt], "--data", "shapes",
                                               "--device", "cpu", "--out-dir", str(tmp_path / "x")]))
+
+
+def test_align_finetune_and_noisy_read_a_public_unet(tmp_path, public_unets):
+    """The other stages take --unet-path too; the frozen trunk the noisy classifier trains on carries the file's weights."""
+    from safetensors.torch import load_file
+    common = ["--unet-path", public_unets["diffusers"], "--data", "shapes", "--image-size", "16", "--device", "cpu"]
+    m = dp.main(dp.build_parser().parse_args(["align", *common, "--layers", "out_2", "mid_block", "--t", "0", "50", "--n-images", "32",
+                                              "--batch-size", "32", "--out-dir", str(tmp_path / "align")]))
+    assert m["layers"] == ["mid", "up.1"] and m["t"] == [0, 50]
+    small = ["--labels-per-class", "4", "--n-test", "40", "--steps", "2", "--batch-size", "8", "--log-every", "1"]
+    m = dp.main(dp.build_parser().parse_args(["finetune", *common, *small, "--layer", "down_blocks.0.downsamplers.0", "--t", "10",
+                                              "--no-scratch", "--out-dir", str(tmp_path / "ft")]))
+    assert m["layer"] == "down.1" and 0 <= m["finetune_acc"] <= 1
+    dp.main(dp.build_parser().parse_args(["noisy", *common, *small, "--layer", "out_3", "--t", "0", "500",
+                                          "--out-dir", str(tmp_path / "noisy")]))
+    trunk = load_file(tmp_path / "noisy" / "ckpt" / "model.safetensors")
+    ref = load_file(os.path.join(public_unets["diffusers"], "diffusion_pytorch_model.safetensors"))
+    assert torch.equal(trunk["trunk.stem.weight"], ref["conv_in.weight"])
+    qkv = trunk["trunk.up.1.attn.qkv.weight"][:, :, 0, 0]  # out_3 = up.3: the trunk holds up.0 .. up.3
+    assert torch.equal(qkv, torch.cat([ref[f"up_blocks.0.attentions.1.to_{c}.weight"] for c in "qkv"]))
+    with pytest.raises(UserError, match="a public UNet .*pass it as --unet-path"):
+        dp.main(dp.build_parser().parse_args(["probe", "--ckpt", public_unets["adm"], "--data", "shapes", "--device", "cpu",
+                                              "--out-dir", str(tmp_path / "x")]))
 
 
 @pytest.mark.parametrize("fmt,layer,ours,dim", [("diffusers", "mid_block.resnets.1.conv2", "mid.block2.conv2", 32),
