@@ -15,12 +15,14 @@ average-pooled, are linearly separable. The best (layer, t) is found by a grid s
     python ddae_probe.py noisy --ckpt runs/x/ckpt --grid runs/x/probe/grid.json --out-dir runs/x/noisy
     python ddae_probe.py sample --ckpts runs/x/ckpt_0050000 runs/x/ckpt_0100000 --fid --probe --out-dir runs/x/fvp
     python ddae_probe.py probe --ckpt DiT-XL-2-256x256.pt --data cifar10 --image-size 256 --vae-path sd-vae.safetensors
+    python ddae_probe.py probe --unet-path ddpm-cifar10-32 --data cifar10 --layers out_6 --t 10   # google/ddpm-cifar10-32
 
 Layer names (the probe grid's rows) follow the module paths, so `net.get_submodule(name)` is the block:
 `down.i` is the i-th block of the encoder path (res blocks, then a downsampler after every level but the
 last), `mid` the bottleneck (res+attn, res), `up.i` the i-th block of the decoder path (num_res_blocks + 1
 res blocks that read a skip, then an upsampler after every level but the last). A DiT's layers are
-`blocks.i`. For `--objective edm` every "timestep t" of this script (flags, grids, JSON) is the noise
+`blocks.i`. Official names are accepted too (UNet.resolve_layer): DDAE's `out_k`, diffusers / guided-diffusion
+module paths. `--unet-path` reads a public UNet with its own schedule (models.load_unet). For `--objective edm` every "timestep t" of this script (flags, grids, JSON) is the noise
 level sigma itself; for ddpm it is the 0-based index into the beta schedule (t = 0: the least noise).
 """
 import argparse

@@ -14,9 +14,12 @@ The distilled student is then fine-tuned on labels and compared with the same st
     python repfusion.py finetune --ckpt runs/rf/distill/ckpt --labels-per-class 400 --out-dir runs/rf/finetune
     python repfusion.py scratch --student resnet18 --data cifar10 --labels-per-class 400 --out-dir runs/rf/scratch
     torchrun --nproc_per_node=8 repfusion.py distill --teacher ... --t-policy rl --batch-size 128
+    python repfusion.py distill --teacher ddpm-cifar10-32 --teacher-layer mid_block.resnets.1.conv2 --data cifar10 ...
 
-Teachers: a `ddae_probe.py pretrain` checkpoint (DDPM/EDM UNet; any block by name, default `mid`), a
-`repcond_dit.py` checkpoint or an official DiT .pt file (DiT; `blocks.i`, default the middle block, tokens mean-pooled).
+Teachers: a `ddae_probe.py pretrain` checkpoint (DDPM/EDM UNet; any block by name, default `mid`, or a module inside
+one), a public UNet (models.load_unet: a diffusers UNet2DModel folder such as google/ddpm-cifar10-32, a guided-diffusion
+file such as 64x64_diffusion.pt; official layer names accepted), a `repcond_dit.py` checkpoint or an official DiT .pt
+file (DiT; `blocks.i`, default the middle block, tokens mean-pooled).
 """
 import argparse
 import dataclasses

@@ -505,16 +505,16 @@ def test_align_finetune_and_noisy_read_a_public_unet(tmp_path, public_unets):
                                                 ("adm", "out_2", "up.1", 64)])
 def test_repfusion_distills_from_a_public_unet(tmp_path, public_unets, fmt, layer, ours, dim):
     """distill --teacher FILE: the official layer name reads the module inside the block (RepFusion's feature: the mid
-    block's second res branch before the skip add), the teacher stays frozen, the loss is finite."""
+    block's second res branch before the skip add), the teacher is frozen, the loss is finite, the image size is checked."""
     teacher = rf.load_teacher(public_unets[fmt], layer, "noised", "cpu", data_spec="shapes", image_size=16)
     assert teacher.layer == ours and teacher.T == 1000 and teacher.obj.schedule == ("cosine" if fmt == "adm" else "linear")
-    before = {k: v.clone() for k, v in teacher.net.state_dict().items()}
-    args = rf.build_parser().parse_args(
+    assert not teacher.net.training and not any(p.requires_grad for p in teacher.net.parameters())
+    m = rf.main(rf.build_parser().parse_args(
         ["distill", "--teacher", public_unets[fmt], "--teacher-layer", layer, "--data", "shapes", "--image-size", "16",
          "--out-dir", str(tmp_path / "d"), "--steps", "2", "--log-every", "1", "--t-policy", "fixed", "--t", "10",
-         "--device", "cpu", "--student", "resnet18", "--width", "4", "--batch-size", "8"])
-    m = rf.distill(args, teacher=teacher)
+         "--device", "cpu", "--student", "resnet18", "--width", "4", "--batch-size", "8"]))
     assert m["teacher_layer"] == ours and m["teacher_dim"] == dim and math.isfinite(m["final_feat_loss"])
-    assert all(torch.equal(before[k], v) for k, v in teacher.net.state_dict().items())
+    with pytest.raises(UserError, match=r"images are \(3, 32, 32\), the UNet .* takes \(3, 16, 16\)"):
+        rf.load_teacher(public_unets[fmt], layer, data_spec="shapes")
     with pytest.raises(UserError, match="a public UNet needs --data"):
         rf.load_teacher(public_unets[fmt], layer)
