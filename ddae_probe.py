@@ -15,12 +15,14 @@ average-pooled, are linearly separable. The best (layer, t) is found by a grid s
     python ddae_probe.py noisy --ckpt runs/x/ckpt --grid runs/x/probe/grid.json --out-dir runs/x/noisy
     python ddae_probe.py sample --ckpts runs/x/ckpt_0050000 runs/x/ckpt_0100000 --fid --probe --out-dir runs/x/fvp
     python ddae_probe.py probe --ckpt DiT-XL-2-256x256.pt --data cifar10 --image-size 256 --vae-path sd-vae.safetensors
+    python ddae_probe.py probe --unet-path ddpm-cifar10-32 --data cifar10 --layers out_6 --t 10   # google/ddpm-cifar10-32
 
 Layer names (the probe grid's rows) follow the module paths, so `net.get_submodule(name)` is the block:
 `down.i` is the i-th block of the encoder path (res blocks, then a downsampler after every level but the
 last), `mid` the bottleneck (res+attn, res), `up.i` the i-th block of the decoder path (num_res_blocks + 1
 res blocks that read a skip, then an upsampler after every level but the last). A DiT's layers are
-`blocks.i`. For `--objective edm` every "timestep t" of this script (flags, grids, JSON) is the noise
+`blocks.i`. Official names are accepted too (UNet.resolve_layer): DDAE's `out_k`, diffusers / guided-diffusion
+module paths. `--unet-path` reads a public UNet with its own schedule (models.load_unet). For `--objective edm` every "timestep t" of this script (flags, grids, JSON) is the noise
 level sigma itself; for ddpm it is the 0-based index into the beta schedule (t = 0: the least noise).
 """
 import argparse
@@ -44,8 +46,8 @@ from training import (add_common_args, add_train_args, autocast, check_out_dir, 
                       compute_fid, Dist, draw_global, find_checkpoint, fit, gather_by_index, HelpFormatter, INCEPTION_FILE,
                       load_json, load_torch, load_weights, Progress, resolve_amp, run, RunLog, save_curve, save_heatmap,
                       save_image_grid, save_json, save_safetensors, setup_distributed, step_generator)
-from models import (build_model, DiT_models, FinalLayer, GlobalDropout, load_dit, make_objective, mem_format, test_split_spec,
-                    timestep_embedding, UNet, UNet_models, unpatchify)
+from models import (build_model, DiT_models, FinalLayer, GlobalDropout, load_dit, load_unet, make_objective, mem_format,
+                    test_split_spec, timestep_embedding, UNet, unet_file_kind, UNet_models, unpatchify)
 from vae import Space
 
 # ----------------------------------------------------------------------------------------------
@@ -378,10 +380,18 @@ def _unet_config(kw):
 
 
 def load_backbone(args, dist):
-    """--ckpt: a ddae_probe pretrain folder, a repcond_dit DiT folder, or an official DiT .pt file (as in every script)
-    -> (frozen net in eval mode, objective, Space, train set, test set, config)."""
+    """--ckpt: a ddae_probe pretrain folder, a repcond_dit DiT folder, or an official DiT .pt file (as in every script);
+    --unet-path: a public UNet (models.load_unet: diffusers UNet2DModel folder, guided-diffusion file) with its own
+    schedule -> (frozen net in eval mode, objective, Space, train set, test set, config)."""
     device = dist.device
-    if getattr(args, "ckpt", None) and os.path.isfile(args.ckpt):
+    if getattr(args, "unet_path", None):
+        if getattr(args, "ckpt", None):
+            raise UserError("pass --ckpt or --unet-path, not both")
+        net, cfg = load_unet(args.unet_path, device)
+        ident = args.unet_path
+    elif getattr(args, "ckpt", None) and unet_file_kind(args.ckpt):
+        raise UserError(f"--ckpt {args.ckpt}: a public UNet (diffusers or guided-diffusion); pass it as --unet-path")
+    elif getattr(args, "ckpt", None) and os.path.isfile(args.ckpt):
         net = DiTBackbone(load_dit(args.ckpt, device))
         cfg = dict(arch="dit", objective="ddpm", T=1000, beta_range=[1e-4, 0.02], data=None, image_size=None, vae_path=None)
         ident = args.ckpt
@@ -397,13 +407,15 @@ def load_backbone(args, dist):
             raise UserError(f"{d}/config.json: neither a ddae_probe nor a repcond_dit checkpoint")
         ident = os.path.join(d, "ema.safetensors")
     else:
-        raise UserError("pass --ckpt: a pretrain run (OUT_DIR or OUT_DIR/ckpt) or an official DiT .pt file")
+        raise UserError("pass --ckpt (a pretrain run, OUT_DIR or OUT_DIR/ckpt, or an official DiT .pt file) or --unet-path "
+                        "(a diffusers UNet2DModel folder or a guided-diffusion .pt file)")
     net = net.to(device).eval().requires_grad_(False)
     if device.type == "cuda" and isinstance(net, UNet):
         net = net.to(memory_format=torch.channels_last)
     spec = args.data or cfg.get("data")
     if spec is None:
-        raise UserError("an official DiT file needs --data (a latents .safetensors, or images with --vae-path)")
+        raise UserError("an official DiT file or a public UNet needs --data (images; for a DiT also a latents .safetensors, "
+                        "or images with --vae-path)")
     image_size = args.image_size or cfg.get("image_size")
     train = data.load(spec, "train", image_size)
     if train.latents is not None and not args.test_data and not cfg.get("test_data"):  # (older latents files do not name their split)
@@ -431,11 +443,15 @@ def _labeled_sets(args, train, test):
     return train, test
 
 
-def _check_layers(net, layers):
+def _check_layers(net, layers, flag="--layers"):
+    """The requested layers in forward order, official names (DDAE's out_k, diffusers / guided-diffusion module paths:
+    UNet.resolve_layer) translated to ours; default every block. The probe reads whole blocks."""
     names = net.layer_names()
+    if layers and isinstance(net, UNet):
+        layers = [net.resolve_layer(n, flag) for n in layers]
     bad = [n for n in layers or [] if n not in names]
     if bad:
-        raise UserError(f"--layers {bad}: not layers of this network (one of {', '.join(names)})")
+        raise UserError(f"{flag} {bad}: not blocks of this network (one of {', '.join(names)}); the probe reads whole blocks")
     return sorted(layers, key=names.index) if layers else names
 
 
@@ -527,7 +543,7 @@ def _cell_from_args(args, net, obj, need_t=True):
     if layer is None or (need_t and level is None):
         raise UserError(f"pass --layer NAME{' and --t LEVEL' if need_t else ''} or --grid GRID.json (a probe run's grid.json); "
                         f"layers: {', '.join(net.layer_names())}")
-    _check_layers(net, [layer])
+    layer = _check_layers(net, [layer], "--layer")[0]
     return layer, obj.check_levels([level])[0] if need_t else None
 
 
@@ -909,6 +925,8 @@ def add_backbone_args(q, stage, batch=True):
     q.set_defaults(data=None)
     q.add_argument("--ckpt", default=None, help="a pretrain run (OUT_DIR or OUT_DIR/ckpt) of ddae_probe or repcond_dit, or an "
                                                  "official DiT .pt file (used with the null label)")
+    q.add_argument("--unet-path", default=None, help="a public UNet with its schedule: a diffusers UNet2DModel folder "
+                                                      "(google/ddpm-cifar10-32, ...) or a guided-diffusion .pt file; needs --data")
     q.add_argument("--labels-per-class", type=int, default=None, help="probe/fine-tune on a class-balanced subset")
     q.add_argument("--n-test", type=int, default=0, help="evaluate on a random subset of the test split (0: all)")
     if batch:
@@ -918,7 +936,8 @@ def add_backbone_args(q, stage, batch=True):
 def add_probe_args(q):
     q.add_argument("--t", type=float, nargs="+", default=None,
                    help="noise levels: ddpm timesteps (0-based) or edm sigmas (default: a sweep around the paper's optimum)")
-    q.add_argument("--layers", nargs="+", default=None, help="layer names (default: every down, mid and up block)")
+    q.add_argument("--layers", nargs="+", default=None, help="layer names (default: every down, mid and up block); official "
+                                                               "names too: DDAE's out_k, diffusers / guided-diffusion block paths")
     q.add_argument("--views", type=int, default=4, help="cached views of the train set: view 0 as is, others random crop + flip")
     q.add_argument("--probe-epochs", type=int, default=15)
     q.add_argument("--probe-lr", type=float, default=1e-3)

@@ -10,18 +10,20 @@ DiT), diffusion_classifier.py classifies with any class-conditional one, repfusi
 import copy
 import math
 import os
+import re
 from functools import partial
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 
 import data
 from data import UserError
 from training import (draw_global, find_checkpoint, load_json, load_state_dict_strict, load_torch, load_weights, resolve_amp,
                       step_generator, strip_wrapper_prefixes)
-from vae import Space
+from vae import _read_state_dict, Space
 
 # ----------------------------------------------------------------------------------------------
 # DiT (official parameter names)
@@ -31,12 +33,14 @@ def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of (possibly fractional) timesteps, cat([cos, sin]) as in DiT/ADM."""
+def timestep_embedding(t, dim, max_period=10000, sin_first=False, freq_shift=0):
+    """Sinusoidal embedding of (possibly fractional) timesteps, cat([cos, sin]) as in DiT/ADM. DDPM's original code
+    (and diffusers' files of it) use cat([sin, cos]) (sin_first) and frequencies over half - 1 (freq_shift 1)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
     args = t[:, None].float() * freqs[None]  # (N, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim)
+    sin_cos = (torch.sin(args), torch.cos(args))
+    return torch.cat(sin_cos if sin_first else sin_cos[::-1], dim=-1)  # (N, dim)
 
 
 def sincos_pos_embed_2d(dim, grid_size):
@@ -360,26 +364,32 @@ def load_dit(path, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
-# The DDPM / DDPM++ UNet, every block addressable by name
+# The DDPM / DDPM++ / ADM UNet, every block addressable by name. One definition serves our own checkpoints and
+# the public ones (diffusers UNet2DModel, guided-diffusion): the conventions that differ between them and that
+# renaming cannot fix (time-embedding layout, GroupNorm groups/eps, heads, scale-shift norm, downsample padding,
+# the resampling blocks' skip) are constructor options; the key renaming is in the loaders below.
 
 
-def Normalize(channels):
-    return nn.GroupNorm(min(32, channels // 4) if channels % 32 else 32, channels, eps=1e-6)
+def Normalize(channels, groups=32, eps=1e-6):
+    """GroupNorm(groups); widths that `groups` does not divide (this project's tiny sizes) get channels // 4 groups."""
+    return nn.GroupNorm(groups if channels % groups == 0 else min(groups, channels // 4), channels, eps=eps)
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions (DDPM), residual, output projection starts at zero."""
-    def __init__(self, channels, skip_scale=1.0):
+    """Self-attention over the H*W positions, residual; `heads` heads of C / heads channels (DDPM: one head),
+    scaled by (C / heads)^-0.5. The fused qkv rows are laid out (q|k|v, head, channel), as ADM's new order and
+    diffusers' separate to_q/to_k/to_v concatenated; the output projection starts at zero."""
+    def __init__(self, channels, skip_scale=1.0, heads=1, norm=Normalize):
         super().__init__()
-        self.norm = Normalize(channels)
+        self.norm = norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
-        self.skip_scale = skip_scale
+        self.skip_scale, self.heads = skip_scale, heads
 
     def forward(self, x):
         N, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(N, 3, 1, C, H * W).transpose(-1, -2).unbind(1)  # 3 x (N, 1, HW, C)
-        h = F.scaled_dot_product_attention(q, k, v)  # (N, 1, HW, C)
+        q, k, v = self.qkv(self.norm(x)).reshape(N, 3, self.heads, C // self.heads, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v)  # (N, heads, HW, C / heads)
         return (x + self.proj_out(h.transpose(-1, -2).reshape(N, C, H, W))) * self.skip_scale
 
 
@@ -401,19 +411,24 @@ class GlobalDropout(nn.Dropout):
 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice with the (time [+ label]) embedding added in between, 1x1 skip when the shape
-    changes, optional attention after it. resample="down"/"up" makes it the DDPM++ (BigGAN-style) resampling
-    block: both paths are average-pooled / nearest-upsampled (EDM's [1, 1] resample filter) inside the block."""
-    def __init__(self, in_ch, out_ch, emb_dim, dropout=0.0, attn=False, resample=None, skip_scale=1.0):
+    changes, optional attention after it. resample="down"/"up" makes it the DDPM++ / ADM (BigGAN-style) resampling
+    block: both paths are average-pooled / nearest-upsampled (EDM's [1, 1] resample filter) inside the block; its
+    skip is a 1x1 conv (EDM's resample_proj) or, with resample_proj=False, the bare resampling (ADM).
+    scale_shift=True is ADM's use_scale_shift_norm: the embedding gives (scale, shift) applied after the second
+    norm as norm2(h) * (1 + scale) + shift, instead of being added before it."""
+    def __init__(self, in_ch, out_ch, emb_dim, dropout=0.0, attn=False, resample=None, skip_scale=1.0,
+                 scale_shift=False, resample_proj=True, heads=1, norm=Normalize):
         super().__init__()
-        self.norm1 = Normalize(in_ch)
+        self.norm1 = norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, out_ch)
-        self.norm2 = Normalize(out_ch)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
+        self.norm2 = norm(out_ch)
         self.dropout = GlobalDropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch or resample else nn.Identity()
-        self.attn = AttnBlock(out_ch, skip_scale) if attn else None
-        self.resample, self.skip_scale, self.out_ch = resample, skip_scale, out_ch
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch or (resample and resample_proj) else nn.Identity()
+        self.attn = AttnBlock(out_ch, skip_scale, heads, norm) if attn else None
+        self.res_out = nn.Identity()  # no weights: where a hook reads the res path before the attention (official names)
+        self.resample, self.skip_scale, self.scale_shift, self.out_ch = resample, skip_scale, scale_shift, out_ch
 
     def _resample(self, x):
         if self.resample == "down":
@@ -425,21 +440,27 @@ class ResBlock(nn.Module):
     def forward(self, x, emb):
         h = F.silu(self.norm1(x))
         h, x = self._resample(h), self._resample(x)
-        h = self.conv1(h) + self.emb(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        x = (self.skip(x) + h) * self.skip_scale
+        h, e = self.conv1(h), self.emb(F.silu(emb))[:, :, None, None]  # (N, out_ch, H, W), (N, out_ch [x2], 1, 1)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        x = self.res_out((self.skip(x) + h) * self.skip_scale)
         return self.attn(x) if self.attn is not None else x
 
 
 class Downsample(nn.Module):
-    """DDPM: a stride-2 3x3 conv."""
-    def __init__(self, channels):
+    """DDPM: a stride-2 3x3 conv. padding=0 is diffusers' downsample_padding 0 (the hub's DDPM files): one row and
+    column of zeros on the bottom/right only, then the conv without padding (the tf original's "SAME" for even sizes)."""
+    def __init__(self, channels, padding=1):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-        self.out_ch = channels
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.out_ch, self.pad_right = channels, padding == 0
 
     def forward(self, x, emb=None):
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.pad_right else x)
 
 
 class Upsample(nn.Module):
@@ -454,10 +475,9 @@ class Upsample(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels, emb_dim, dropout, skip_scale):
+    def __init__(self, channels, block):
         super().__init__()
-        self.block1 = ResBlock(channels, channels, emb_dim, dropout, attn=True, skip_scale=skip_scale)
-        self.block2 = ResBlock(channels, channels, emb_dim, dropout, skip_scale=skip_scale)
+        self.block1, self.block2 = block(channels, channels, attn=True), block(channels, channels)
         self.out_ch = channels
 
     def forward(self, x, emb):
@@ -465,28 +485,47 @@ class MidBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """The DDPM UNet (Ho et al.) and its DDPM++ variant (Song et al., as trained by EDM).
+    """The DDPM UNet (Ho et al.), its DDPM++ variant (Song et al., as trained by EDM) and ADM (Dhariwal & Nichol).
 
-    forward(x, t, y=None) -> eps (ddpm objective) or the raw network output F (edm objective): the
-    objective decides what the output means. t: (N,) timesteps (DDPM) or c_noise (EDM), any float.
-    num_classes > 0 adds a label embedding to the time embedding; index num_classes is the null label
-    (y=None means null), for classifier-free guidance dropout.
+    forward(x, t, y=None) -> eps (ddpm objective; ADM's learn_sigma adds out_channels - in_channels channels of
+    the variance interpolant after it) or the raw network output F (edm objective): the objective decides what
+    the output means. t: (N,) timesteps (DDPM) or c_noise (EDM), any float.
+    num_classes > 0 adds a label embedding to the time embedding; with null_label, index num_classes is the null
+    label (y=None means null), for classifier-free guidance dropout; without (ADM), y=None adds no label embedding.
     stop_at=NAME returns the activation of that block instead (truncated network, no output head).
     self.layers lists (name, channels, resolution) of every block, in forward order.
+
+    The options after num_classes reproduce the public releases (the loaders set them): sin_first / freq_shift
+    the time embedding ([sin, cos] with frequencies exp(-ln(10^4) i / (ch/2 - shift)) in DDPM's tf code and
+    diffusers' files; [cos, sin] with shift 0 in ours, DiT and ADM), norm_groups / norm_eps every GroupNorm (ADM:
+    eps 1e-5), head_channels / num_heads the attention heads (C / head_channels heads, else num_heads),
+    scale_shift ADM's scale-shift norm, resample_proj the 1x1 conv on a resampling block's skip (EDM yes, ADM no),
+    downsample_padding 0 diffusers' asymmetric downsample padding, out_channels 2 * in_channels ADM's learn_sigma.
     """
     def __init__(self, in_channels=3, image_size=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,),
-                 dropout=0.1, resblock_updown=False, skip_scale=1.0, up_attn_last_only=False, num_classes=0):
+                 dropout=0.1, resblock_updown=False, skip_scale=1.0, up_attn_last_only=False, num_classes=0,
+                 null_label=True, out_channels=None, sin_first=False, freq_shift=0, norm_groups=32, norm_eps=1e-6,
+                 head_channels=None, num_heads=1, scale_shift=False, resample_proj=True, downsample_padding=1):
         super().__init__()
         self.config = dict(in_channels=in_channels, image_size=image_size, ch=ch, ch_mult=list(ch_mult),
                            num_res_blocks=num_res_blocks, attn_res=list(attn_res), dropout=dropout,
                            resblock_updown=resblock_updown, skip_scale=skip_scale, up_attn_last_only=up_attn_last_only,
-                           num_classes=num_classes)
+                           num_classes=num_classes, null_label=null_label, out_channels=out_channels or in_channels,
+                           sin_first=sin_first, freq_shift=freq_shift, norm_groups=norm_groups, norm_eps=norm_eps,
+                           head_channels=head_channels, num_heads=num_heads, scale_shift=scale_shift,
+                           resample_proj=resample_proj, downsample_padding=downsample_padding)
         emb_dim = 4 * ch
         self.ch, self.num_classes, self.stop_at = ch, num_classes, None
         self.temb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
+        self.label_emb = nn.Embedding(num_classes + int(null_label), emb_dim) if num_classes > 0 else None
         self.stem = nn.Conv2d(in_channels, ch, 3, padding=1)
-        block = partial(ResBlock, emb_dim=emb_dim, dropout=dropout, skip_scale=skip_scale)
+        norm = partial(Normalize, groups=norm_groups, eps=norm_eps)
+        res_block = partial(ResBlock, emb_dim=emb_dim, dropout=dropout, skip_scale=skip_scale, scale_shift=scale_shift,
+                            resample_proj=resample_proj, norm=norm)
+
+        def block(in_ch, out_ch, attn=False, resample=None):
+            heads = out_ch // head_channels if head_channels else num_heads
+            return res_block(in_ch, out_ch, attn=attn, resample=resample, heads=heads)
         down, skips, cur, res, self.layers = [], [ch], ch, image_size, []
         for i, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
@@ -495,12 +534,12 @@ class UNet(nn.Module):
                 skips.append(cur)
                 self.layers.append((f"down.{len(down) - 1}", cur, res))
             if i != len(ch_mult) - 1:
-                down.append(block(cur, cur, resample="down") if resblock_updown else Downsample(cur))
+                down.append(block(cur, cur, resample="down") if resblock_updown else Downsample(cur, downsample_padding))
                 res //= 2
                 skips.append(cur)
                 self.layers.append((f"down.{len(down) - 1}", cur, res))
         self.down = nn.ModuleList(down)
-        self.mid = MidBlock(cur, emb_dim, dropout, skip_scale)
+        self.mid = MidBlock(cur, block)
         self.layers.append(("mid", cur, res))
         up = []
         for i, mult in reversed(list(enumerate(ch_mult))):
@@ -515,8 +554,8 @@ class UNet(nn.Module):
                 res *= 2
                 self.layers.append((f"up.{len(up) - 1}", cur, res))
         self.up = nn.ModuleList(up)
-        self.out_norm = Normalize(cur)
-        self.out_conv = nn.Conv2d(cur, in_channels, 3, padding=1)
+        self.out_norm = norm(cur)
+        self.out_conv = nn.Conv2d(cur, out_channels or in_channels, 3, padding=1)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -542,9 +581,28 @@ class UNet(nn.Module):
     def layer(self, name):
         return self.get_submodule(name)
 
+    def resolve_layer(self, name, flag="--layers"):
+        """Our module path for `name`: one of ours (`up.7`, `mid.block2.conv2`) as is, or an official name that
+        official_module translates (DDAE's `out_k`, diffusers' `mid_block.resnets.1.conv2`, guided-diffusion's
+        `middle_block.2.out_layers.3`). Raises UserError (naming `flag`) for anything else."""
+        try:
+            self.get_submodule(name)
+            return name
+        except AttributeError:
+            ours = official_module(self, name)
+        if ours is None:
+            raise UserError(f"{flag} {name}: not a layer of this UNet (blocks: {', '.join(self.layer_names())}; or an official "
+                            f"name: DDAE's out_k, a diffusers or guided-diffusion module path)")
+        return ours
+
+    def block_of(self, path):
+        """The block (`down.i`, `mid`, `up.i`) that holds module `path` (itself if it is one), or None (stem, head)."""
+        return next((b for b in reversed(self.layer_names()) if path == b or path.startswith(b + ".")), None)
+
     def embed(self, t, y=None):
-        emb = self.temb(timestep_embedding(t, self.ch))  # (N, 4ch)
-        if self.label_emb is not None:
+        c = self.config
+        emb = self.temb(timestep_embedding(t, self.ch, sin_first=c["sin_first"], freq_shift=c["freq_shift"]))  # (N, 4ch)
+        if self.label_emb is not None and (y is not None or c["null_label"]):
             if y is None:
                 y = torch.full((t.shape[0],), self.num_classes, dtype=torch.long, device=t.device)
             emb = emb + self.label_emb(y)
@@ -599,22 +657,369 @@ UNet_models = {
 
 
 # ----------------------------------------------------------------------------------------------
+# Public UNet checkpoints: diffusers UNet2DModel folders (google/ddpm-cifar10-32, google/ddpm-ema-celebahq-256, ...)
+# and guided-diffusion (ADM) files (64x64_diffusion.pt, ...), renamed into UNet's layout and loaded strictly.
+# One translation of module paths serves the weights and the layer names each paper writes.
+#
+# Block indices: with L res blocks per level, encoder level i holds res block j at down.(i(L+1) + j) and its
+# downsampler at down.(i(L+1) + L); decoder level r (counted from the coarsest, as diffusers' up_blocks.r) holds
+# res block j at up.(r(L+2) + j) and its upsampler at up.(r(L+2) + L + 1). ADM's input_blocks.k is down.(k-1); its
+# output_blocks.k (k = r(L+1) + j) is res block j of decoder level r, followed in the same module by its attention
+# and, for j = L, the upsampler.
+
+_RES_LEAVES = {"time_emb_proj": "emb", "conv_shortcut": "skip",  # diffusers; norm1/conv1/norm2/conv2 keep their names
+               "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "emb", "out_layers.0": "norm2",
+               "out_layers.3": "conv2", "skip_connection": "skip"}  # guided-diffusion
+_ATTN_LEAVES = {"group_norm": "norm", "to_out.0": "proj_out", "proj_attn": "proj_out"}  # q, k, v: see _from_diffusers
+_RESAMPLE_LEAVES = {"op": "conv"}  # ADM's Downsample conv
+_QKV = {"to_q": 0, "query": 0, "to_k": 1, "key": 1, "to_v": 2, "value": 2}  # diffusers' current and pre-2023 names
+_FIXED = {"conv_in": "stem", "time_embedding.linear_1": "temb.0", "time_embedding.linear_2": "temb.2",
+          "conv_norm_out": "out_norm", "conv_out": "out_conv", "mid_block": "mid",
+          "input_blocks.0.0": "stem", "time_embed.0": "temb.0", "time_embed.2": "temb.2", "label_emb": "label_emb",
+          "middle_block": "mid", "out.0": "out_norm", "out.2": "out_conv"}
+
+
+def _official_block(net, path):
+    """(our block path, kind in res/attn/resample/plain, rest of `path`) for the block-level prefix of an official
+    module path, or None."""
+    L, n = net.config["num_res_blocks"], len(net.config["ch_mult"])
+
+    def kind(p):
+        return "res" if isinstance(net.get_submodule(p), ResBlock) else "resample"
+
+    def adm_out(k, sub):  # output_blocks.k[.sub]: res block j of decoder level r [, its attention] [, the upsampler]
+        r, j = divmod(k, L + 1)
+        res = f"up.{r * (L + 2) + j}"
+        up = f"up.{r * (L + 2) + L + 1}" if j == L and r < n - 1 else None
+        if sub is None:
+            return up or res, "plain"  # the whole output block ends with its last module
+        subs = [(res, "res")] + [(res + ".attn", "attn")] * (net.get_submodule(res).attn is not None)
+        subs += [(up, kind(up))] if up else []
+        return subs[sub] if sub < len(subs) else (None, None)
+
+    patterns = [
+        (r"down_blocks\.(\d+)\.resnets\.(\d+)", lambda i, j: (f"down.{i * (L + 1) + j}", "res")),
+        (r"down_blocks\.(\d+)\.attentions\.(\d+)", lambda i, j: (f"down.{i * (L + 1) + j}.attn", "attn")),
+        (r"down_blocks\.(\d+)\.downsamplers\.0", lambda i: (f"down.{i * (L + 1) + L}", "resample")),
+        (r"up_blocks\.(\d+)\.resnets\.(\d+)", lambda r, j: (f"up.{r * (L + 2) + j}", "res")),
+        (r"up_blocks\.(\d+)\.attentions\.(\d+)", lambda r, j: (f"up.{r * (L + 2) + j}.attn", "attn")),
+        (r"up_blocks\.(\d+)\.upsamplers\.0", lambda r: (f"up.{r * (L + 2) + L + 1}", "resample")),
+        (r"mid_block\.resnets\.([01])", lambda j: (f"mid.block{j + 1}", "res")),
+        (r"mid_block\.attentions\.0", lambda: ("mid.block1.attn", "attn")),
+        (r"middle_block\.([02])", lambda j: (f"mid.block{j // 2 + 1}", "res")),
+        (r"middle_block\.1", lambda: ("mid.block1.attn", "attn")),
+        (r"input_blocks\.([1-9]\d*)\.0", lambda k: (f"down.{k - 1}", kind(f"down.{k - 1}"))),
+        (r"input_blocks\.([1-9]\d*)\.1", lambda k: (f"down.{k - 1}.attn", "attn")),
+        (r"input_blocks\.([1-9]\d*)", lambda k: (f"down.{k - 1}", "plain")),
+        (r"output_blocks\.(\d+)\.(\d+)", lambda k, s: adm_out(k, s)),
+        (r"output_blocks\.(\d+)", lambda k: adm_out(k, None)),
+    ]
+    for pattern, target in patterns:
+        m = re.match(pattern + r"(?:\.|$)", path)
+        if m:
+            try:
+                ours, kd = target(*(int(g) for g in m.groups()))
+                if ours is None:
+                    return None
+                net.get_submodule(ours)
+            except (AttributeError, IndexError, TypeError):
+                return None
+            return ours, kd, path[m.end():]
+    return None
+
+
+def official_module(net, path):
+    """A module path of a diffusers UNet2DModel (`mid_block.resnets.1.conv2`), a guided-diffusion UNetModel
+    (`middle_block.2.out_layers.3`) or DDAE's decoder name `out_k` -> the same module of `net` (a UNet) as our path
+    (`mid.block2.conv2`; `out_k` is the k-th res block of the decoder, counted from 1 with the resamplers skipped, as
+    FutureXiang/ddae's model/unet.py), or None if it names no module of `net`."""
+    if m := re.fullmatch(r"out_(\d+)", path):
+        res = [f"up.{i}" for i, b in enumerate(net.up) if getattr(b, "cat_skip", False)]
+        return res[int(m.group(1)) - 1] if 1 <= int(m.group(1)) <= len(res) else None
+    if path in _FIXED:
+        return _FIXED[path]
+    found = _official_block(net, path)
+    if found is None:
+        return None
+    ours, kind, rest = found
+    if kind == "res" and not rest and getattr(net.get_submodule(ours), "attn", None) is not None:
+        return ours + ".res_out"  # their res block ends before the attention that ours holds
+    if rest:
+        leaves = {"res": _RES_LEAVES, "attn": _ATTN_LEAVES, "resample": _RESAMPLE_LEAVES}.get(kind, {})
+        ours = f"{ours}.{leaves.get(rest, rest)}"
+    try:
+        net.get_submodule(ours)
+    except AttributeError:
+        return None
+    return ours
+
+
+def _to_conv1x1(v):
+    """A Linear (C_out, C_in) or Conv1d (C_out, C_in, 1) weight as our Conv2d's (C_out, C_in, 1, 1); biases unchanged."""
+    return v.reshape(*v.shape[:2], 1, 1) if v.dim() >= 2 else v
+
+
+def _from_diffusers(sd, net):
+    """A diffusers UNet2DModel state dict -> our keys. Attention's separate q/k/v Linears (to_q or query, ...) are
+    stacked into the 1x1 qkv conv, (q|k|v, head, channel) as AttnBlock reads it. Unknown keys pass through (and are
+    then reported as unexpected)."""
+    out, qkv = {}, {}
+    for k, v in sd.items():
+        mod, _, leaf = k.rpartition(".")
+        base, _, last = mod.rpartition(".")
+        if last in _QKV and (attn := official_module(net, base)) is not None:
+            qkv.setdefault((attn, leaf), [None] * 3)[_QKV[last]] = (k, v)
+            continue
+        ours = official_module(net, mod)
+        if ours is None:
+            out[k] = v
+            continue
+        out[f"{ours}.{leaf}"] = _to_conv1x1(v) if ours.endswith(".proj_out") else v
+    for (attn, leaf), parts in qkv.items():
+        if any(p is None for p in parts):  # incomplete: leave them as they are, to be listed as unexpected
+            out.update(dict(p for p in parts if p is not None))
+        else:
+            out[f"{attn}.qkv.{leaf}"] = _to_conv1x1(torch.cat([v for _, v in parts]))
+    return out
+
+
+def _from_adm(sd, net, new_order):
+    """A guided-diffusion UNetModel state dict -> our keys. Conv1d attention weights become 1x1 Conv2d; with the
+    legacy attention order (new_order False: heads split before q/k/v) the qkv rows (head, q|k|v, channel) are
+    permuted to our (q|k|v, head, channel), which computes the same function."""
+    out = {}
+    for k, v in sd.items():
+        mod, _, leaf = k.rpartition(".")
+        ours = official_module(net, mod)
+        if ours is None:
+            out[k] = v
+            continue
+        if ours.endswith((".qkv", ".proj_out")):
+            v = _to_conv1x1(v)
+        if ours.endswith(".qkv") and not new_order:
+            heads = net.get_submodule(ours[:-len(".qkv")]).heads
+            v = v.reshape(heads, 3, -1, *v.shape[1:]).transpose(0, 1).reshape(v.shape)
+        out[f"{ours}.{leaf}"] = v
+    return out
+
+
+_DIFFUSERS_DOWN = {"DownBlock2D": False, "AttnDownBlock2D": True}  # block type -> has attention
+_DIFFUSERS_UP = {"UpBlock2D": False, "AttnUpBlock2D": True}
+# what UNet reproduces; a config that asks for anything else is refused (UNet2DModel's defaults where a key is absent)
+_DIFFUSERS_FIXED = dict(time_embedding_type="positional", time_embedding_dim=None, act_fn="silu", center_input_sample=False,
+                        class_embed_type=None, num_class_embeds=None, mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1,
+                        resnet_time_scale_shift="default", add_attention=True, downsample_type="conv", upsample_type="conv")
+
+
+def unet_kwargs_from_diffusers(c, where):
+    """UNet(**kwargs) for a diffusers UNet2DModel config.json dict; UserError (naming `where`) for configs UNet does
+    not reproduce. Absent keys take UNet2DModel's defaults (attention_head_dim 8, norm_eps 1e-5, freq_shift 0,
+    flip_sin_to_cos True, downsample_padding 1), as diffusers itself would."""
+    def refuse(what):
+        raise UserError(f"{where}: {what} is not supported (UNet2DModel with Down/AttnDown and Up/AttnUp blocks, positional time "
+                        f"embedding, default resnets, attention on the same levels down and up)")
+    if c.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        refuse(f"_class_name {c.get('_class_name')!r}")
+    for key, want in _DIFFUSERS_FIXED.items():
+        if c.get(key, want) != want and not (key == "time_embedding_dim" and c[key] == 4 * c["block_out_channels"][0]):
+            refuse(f"{key} {c[key]!r}")
+    widths, L = list(c.get("block_out_channels", (224, 448, 672, 896))), c.get("layers_per_block", 2)
+    down = c.get("down_block_types", ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"))
+    up = c.get("up_block_types", ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    for t in [t for t in down if t not in _DIFFUSERS_DOWN] + [t for t in up if t not in _DIFFUSERS_UP]:
+        refuse(f"block type {t}")
+    if not len(down) == len(up) == len(widths):
+        refuse(f"{len(down)} down blocks, {len(up)} up blocks and {len(widths)} block_out_channels")
+    if [_DIFFUSERS_DOWN[t] for t in down] != [_DIFFUSERS_UP[t] for t in reversed(up)]:
+        refuse(f"attention at down levels {down} but up levels {up}")
+    ch, groups, head = widths[0], c.get("norm_num_groups", 32), c.get("attention_head_dim", 8)
+    if any(w % ch for w in widths) or any(w % groups for w in widths) or (head and any(w % head for w in widths)):
+        refuse(f"block_out_channels {widths} with norm_num_groups {groups} and attention_head_dim {head}")
+    if c.get("attn_norm_num_groups") not in (None, groups):
+        refuse(f"attn_norm_num_groups {c['attn_norm_num_groups']}")
+    size = c.get("sample_size") or 32
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            refuse(f"sample_size {size} (not square)")
+        size = size[0]
+    return dict(in_channels=c.get("in_channels", 3), out_channels=c.get("out_channels", 3), image_size=size, ch=ch,
+                ch_mult=[w // ch for w in widths], num_res_blocks=L,
+                attn_res=[size // 2 ** i for i, t in enumerate(down) if _DIFFUSERS_DOWN[t]], dropout=c.get("dropout", 0.0),
+                sin_first=not c.get("flip_sin_to_cos", True), freq_shift=c.get("freq_shift", 0), norm_groups=groups,
+                norm_eps=c.get("norm_eps", 1e-5), head_channels=head, downsample_padding=c.get("downsample_padding", 1))
+
+
+def _diffusers_schedule(path):
+    """{T, beta_range, schedule} from a scheduler_config.json (DDPMScheduler / DDIMScheduler), or DDPM's linear
+    1e-4..0.02 over 1000 steps when there is none."""
+    if path is None:
+        return dict(T=1000, beta_range=[1e-4, 0.02], schedule="linear")
+    s = load_json(path)
+    kind, pred = s.get("beta_schedule", "linear"), s.get("prediction_type", "epsilon")
+    if kind not in ("linear", "squaredcos_cap_v2") or s.get("trained_betas") is not None or pred != "epsilon":
+        raise UserError(f"{path}: beta_schedule {kind!r} / prediction_type {pred!r} / trained_betas is not supported "
+                        f"(linear or squaredcos_cap_v2 betas, epsilon prediction)")
+    return dict(T=s.get("num_train_timesteps", 1000), beta_range=[s.get("beta_start", 1e-4), s.get("beta_end", 0.02)],
+                schedule="linear" if kind == "linear" else "cosine")
+
+
+def _diffusers_files(path):
+    """(config.json, weights, scheduler_config.json or None) for a diffusers UNet2DModel folder, a pipeline folder
+    (its unet/), or a diffusion_pytorch_model.safetensors/.bin file with config.json beside it; None otherwise."""
+    d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(d, "config.json")) and os.path.isdir(os.path.join(d, "unet")):
+        d = os.path.join(d, "unet")
+    if not os.path.isfile(os.path.join(d, "config.json")):
+        return None
+    c = load_json(os.path.join(d, "config.json"))
+    if not isinstance(c, dict) or not ({"_class_name", "_diffusers_version", "block_out_channels"} & set(c)):
+        return None  # e.g. a training run's config.json
+    if os.path.isdir(path):
+        weights = next((os.path.join(d, f) for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+                        if os.path.isfile(os.path.join(d, f))), None)
+        if weights is None:
+            raise UserError(f"{d}: diffusers folder without diffusion_pytorch_model.safetensors or .bin")
+    elif path.endswith((".safetensors", ".bin")):
+        weights = path
+    else:
+        return None
+    beside, pipeline = os.path.join(d, "scheduler_config.json"), os.path.join(d, "..", "scheduler", "scheduler_config.json")
+    sched = next((p for p in (beside, pipeline) if os.path.isfile(p)), None)
+    return os.path.join(d, "config.json"), weights, sched
+
+
+# guided-diffusion flags that the weights do not show, per release: (image size, base width, class-conditional) ->
+# flags. Image size from the level count, as create_model picks channel_mult: 4 levels 64 px, 5 128 px, 6 256 px.
+ADM_RELEASES = {
+    (64, 192, True): dict(head_channels=64, new_order=True, schedule="cosine"),  # 64x64_diffusion.pt
+    (128, 256, True): dict(num_heads=4, new_order=False, schedule="linear"),  # 128x128_diffusion.pt
+    (256, 256, True): dict(head_channels=64, new_order=False, schedule="linear"),  # 256x256_diffusion.pt
+    (256, 256, False): dict(head_channels=64, new_order=False, schedule="linear"),  # 256x256_diffusion_uncond.pt
+}
+ADM_SIZES = {4: 64, 5: 128, 6: 256}
+
+
+def _adm_kwargs(sd, path, flags=None):
+    """(UNet kwargs, new_order, schedule) of a guided-diffusion state dict: widths, levels, res blocks, attention
+    levels, resblock_updown, scale-shift norm, classes and learn_sigma read off the shapes; heads, attention order and
+    schedule from ADM_RELEASES or `flags` (dict with head_channels or num_heads, new_order, schedule, image_size)."""
+    try:
+        ch, in_ch = sd["input_blocks.0.0.weight"].shape[:2]
+        n_out = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"output_blocks\.(\d+)\.", k)))
+        L = min(int(m.group(1)) for k in sd if (m := re.match(r"output_blocks\.(\d+)\.[12]\.(in_layers|conv)\.", k)))
+        n = n_out // (L + 1)
+        widths = [sd[f"input_blocks.{i * (L + 1) + 1}.0.out_layers.3.weight"].shape[0] for i in range(n)]
+        attn = [f"input_blocks.{i * (L + 1) + 1}.1.qkv.weight" in sd for i in range(n)]
+        updown = f"input_blocks.{L + 1}.0.in_layers.0.weight" in sd
+        scale_shift = sd["input_blocks.1.0.emb_layers.1.weight"].shape[0] == 2 * widths[0]
+        out_ch = sd["out.2.weight"].shape[0]
+    except (KeyError, ValueError, IndexError, AttributeError):
+        raise UserError(f"{path}: not a guided-diffusion UNet state dict (input_blocks / middle_block / output_blocks)") from None
+    num_classes = sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else 0
+    size = (flags or {}).get("image_size") or ADM_SIZES.get(n)
+    release = ADM_RELEASES.get((size, ch, num_classes > 0))
+    flags = dict(release or {}, **(flags or {}))
+    heads_known = flags.get("head_channels") or flags.get("num_heads")
+    if "schedule" not in flags or "new_order" not in flags or not heads_known or size is None:
+        known = ", ".join(sorted({f"{s} px width {w}" for s, w, _ in ADM_RELEASES}))
+        raise UserError(f"{path}: a guided-diffusion UNet of {n} levels, width {ch}, {num_classes} classes is not a known "
+                        f"release (known: {known}); its heads, attention order and schedule cannot be read off the weights")
+    if n_out % (L + 1) or any(w % ch for w in widths):
+        raise UserError(f"{path}: output blocks {n_out} / widths {widths} do not form a guided-diffusion UNet")
+    kw = dict(in_channels=in_ch, out_channels=out_ch, image_size=size, ch=ch, ch_mult=[w // ch for w in widths],
+              num_res_blocks=L, attn_res=[size // 2 ** i for i in range(n) if attn[i]], dropout=0.0, resblock_updown=updown,
+              num_classes=num_classes, null_label=False, norm_eps=1e-5, head_channels=flags.get("head_channels"),
+              num_heads=flags.get("num_heads") or 1, scale_shift=scale_shift, resample_proj=False)
+    return kw, flags["new_order"], flags["schedule"]
+
+
+def unet_file_kind(path):
+    """"diffusers" | "adm" for a public UNet file or folder that load_unet reads, else None (a DiT file, a run folder,
+    ...). Peeks at the keys only (memory-mapped), so a multi-GB DiT file costs nothing here."""
+    if not os.path.exists(path):
+        return None
+    if _diffusers_files(path) is not None:
+        return "diffusers"
+    if os.path.isdir(path):
+        return None
+    try:
+        if path.endswith(".safetensors"):
+            with safe_open(path, "pt") as f:
+                keys = set(f.keys())
+        else:
+            keys = set(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    except Exception:  # not a zip checkpoint, unreadable, ...: whoever loads it says so in one line
+        return None
+    return "adm" if "input_blocks.0.0.weight" in keys else None
+
+
+def load_unet(path, device="cpu", adm_flags=None):
+    """A public pixel-space UNet -> (UNet in eval mode, fp32, on `device`; its config dict), strictly loaded.
+
+    path: a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors or .bin; also a pipeline
+    folder with unet/, or the weights file itself with config.json beside it), or a guided-diffusion (ADM) state dict
+    (.pt, e.g. 64x64_diffusion.pt). The format is read off the file. Files are read weights-only.
+    The config is what a ddae_probe run's config.json holds (arch "unet", "unet": the UNet kwargs, objective "ddpm",
+    T, beta_range, schedule, sample_shape, image_size) plus "source" and "num_classes": the noise schedule comes with
+    the file (diffusers: scheduler_config.json beside it or in ../scheduler, else DDPM's linear 1e-4..0.02 over 1000;
+    ADM: ADM_RELEASES, cosine for the 64x64 model). adm_flags overrides ADM_RELEASES (see _adm_kwargs).
+    Raises UserError in one line for a missing path, an unknown format, an unsupported config, or weights that do not
+    fit (missing / unexpected keys, shape mismatches)."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file or folder (expected a diffusers UNet2DModel folder or a guided-diffusion "
+                        f".pt file)")
+    files = _diffusers_files(path)
+    if files is not None:
+        config_path, weights, sched = files
+        kw, source = unet_kwargs_from_diffusers(load_json(config_path), config_path), "diffusers"
+        schedule, sd = _diffusers_schedule(sched), strip_wrapper_prefixes(_read_state_dict(weights))
+    elif os.path.isdir(path):
+        raise UserError(f"{path}: folder without config.json (expected a diffusers UNet2DModel folder)")
+    else:
+        weights, source, sd = path, "adm", strip_wrapper_prefixes(_read_state_dict(path))
+        if "input_blocks.0.0.weight" not in sd:
+            raise UserError(f"{path}: neither a guided-diffusion UNet (no input_blocks.0.0.weight) nor a diffusers weights "
+                            f"file with config.json beside it")
+        kw, new_order, kind = _adm_kwargs(sd, path, adm_flags)
+        schedule = dict(T=1000, beta_range=[1e-4, 0.02], schedule=kind)
+    with torch.device("meta"):  # no random init: the file overwrites every parameter
+        model = UNet(**kw)
+    sd = _from_diffusers(sd, model) if source == "diffusers" else _from_adm(sd, model, new_order)
+    model = model.to_empty(device="cpu")
+    load_state_dict_strict(model, sd, weights)
+    C, H = kw["in_channels"], kw["image_size"]
+    cfg = dict(arch="unet", source=source, unet=model.config, objective="ddpm", **schedule, sample_shape=[C, H, H], image_size=H,
+               num_classes=kw.get("num_classes", 0), data=None, vae_path=None)
+    return model.float().to(device).eval(), cfg
+
+
+# ----------------------------------------------------------------------------------------------
 # Diffusion: the DDPM linear schedule, DiT's eps loss, DDPM/DDIM samplers; the DDPM (VP, eps-prediction) and
 # EDM (VE, preconditioned) objectives of the UNets, and the map from a noise level to the network's input
 
 
-class Diffusion:
-    """Linear betas over T steps; gamma_t = sqrt(abar_t), delta_t = sqrt(1 - abar_t).
+def cosine_betas(T, s=0.008, max_beta=0.999):
+    """Nichol & Dhariwal's cosine schedule (guided-diffusion's betas_for_alpha_bar, diffusers' squaredcos_cap_v2):
+    abar(u) = cos((u + s) / (1 + s) * pi / 2)^2 and beta_i = min(1 - abar((i + 1) / T) / abar(i / T), max_beta)."""
+    u = torch.arange(T + 1, dtype=torch.float64) / T
+    abar = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
 
-    beta_start..beta_end are given for 1000 steps and, with scale_to_T (DiT's and improved DDPM's
+
+class Diffusion:
+    """Linear betas over T steps (schedule="cosine": cosine_betas, ADM's ImageNet 64 model);
+    gamma_t = sqrt(abar_t), delta_t = sqrt(1 - abar_t).
+
+    Linear: beta_start..beta_end are given for 1000 steps and, with scale_to_T (DiT's and improved DDPM's
     `get_named_beta_schedule("linear", T)`), multiplied by 1000 / T, so any T ends at about the same signal
     fraction (abar_T ~ 4e-5 at T = 1000, 2e-5 at T = 100); scale_to_T=False takes them as the ends of this T's
     schedule (DDAE's configs, which give beta_1 and beta_T for their own T).
     """
-    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02, device="cpu", scale_to_T=True):
+    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02, device="cpu", scale_to_T=True, schedule="linear"):
         self.T = T
         scale = 1000 / T if scale_to_T else 1.0
-        betas = torch.linspace(scale * beta_start, scale * beta_end, T, dtype=torch.float64)
+        betas = cosine_betas(T) if schedule == "cosine" else \
+            torch.linspace(scale * beta_start, scale * beta_end, T, dtype=torch.float64)
         abar = torch.cumprod(1 - betas, 0)
         self.alphas_cumprod = abar.float().to(device)
         self.gamma, self.delta = abar.sqrt().float().to(device), (1 - abar).sqrt().float().to(device)
@@ -668,9 +1073,9 @@ class DDPMObjective:
     paper's t (counted from 1 as in DDPM) is ours + 1. The network is conditioned on t itself."""
     kind = "ddpm"
 
-    def __init__(self, T=1000, beta_range=(1e-4, 0.02), device="cpu"):
-        self.T, self.beta_range = T, tuple(beta_range)
-        self.diffusion = Diffusion(T, beta_range[0], beta_range[1], device=device, scale_to_T=False)
+    def __init__(self, T=1000, beta_range=(1e-4, 0.02), device="cpu", schedule="linear"):
+        self.T, self.beta_range, self.schedule = T, tuple(beta_range), schedule
+        self.diffusion = Diffusion(T, beta_range[0], beta_range[1], device=device, scale_to_T=False, schedule=schedule)
 
     def loss(self, net, x0, step, seed, dist, y=None, class_dropout=0.0, null_label=0):
         g, n = step_generator(seed, step, x0.device), x0.shape[0]
@@ -680,7 +1085,7 @@ class DDPMObjective:
         if y is not None and class_dropout > 0:
             y = torch.where(drop, torch.full_like(y, null_label), y)
         out = net(self.diffusion.q_sample(x0, t, eps).to(memory_format=mem_format(x0)), t.float(), y)
-        return F.mse_loss(out.float(), eps)
+        return F.mse_loss(out[:, :x0.shape[1]].float(), eps)  # ADM's learn_sigma channels follow eps
 
     def net_input(self, x0, level, eps=None):
         """(network input, conditioning) for images x0 noised to `level` (N,); eps=None: no noise (fine-tuning)."""
@@ -709,7 +1114,7 @@ class DDPMObjective:
 
     @torch.no_grad()
     def sample(self, net, shape, generator, steps=None, y=None, method="ddpm"):
-        eps_fn = lambda x, t: net(x, t.float(), y).float()  # noqa: E731
+        eps_fn = lambda x, t: net(x, t.float(), y)[:, :shape[1]].float()  # noqa: E731
         return sample_loop(eps_fn, shape, self.diffusion, steps or self.T, method, generator.device, generator, clip=1.0)
 
 
@@ -797,7 +1202,8 @@ class EDMObjective:
 def make_objective(cfg, device="cpu"):
     if cfg["objective"] == "edm":
         return EDMObjective(**cfg.get("edm", {}))
-    return DDPMObjective(cfg.get("T", 1000), cfg.get("beta_range", (1e-4, 0.02)), device=device)
+    return DDPMObjective(cfg.get("T", 1000), cfg.get("beta_range", (1e-4, 0.02)), device=device,
+                         schedule=cfg.get("schedule", "linear"))
 
 
 def mem_format(x):

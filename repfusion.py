@@ -14,9 +14,12 @@ The distilled student is then fine-tuned on labels and compared with the same st
     python repfusion.py finetune --ckpt runs/rf/distill/ckpt --labels-per-class 400 --out-dir runs/rf/finetune
     python repfusion.py scratch --student resnet18 --data cifar10 --labels-per-class 400 --out-dir runs/rf/scratch
     torchrun --nproc_per_node=8 repfusion.py distill --teacher ... --t-policy rl --batch-size 128
+    python repfusion.py distill --teacher ddpm-cifar10-32 --teacher-layer mid_block.resnets.1.conv2 --data cifar10 ...
 
-Teachers: a `ddae_probe.py pretrain` checkpoint (DDPM/EDM UNet; any block by name, default `mid`), a
-`repcond_dit.py` checkpoint or an official DiT .pt file (DiT; `blocks.i`, default the middle block, tokens mean-pooled).
+Teachers: a `ddae_probe.py pretrain` checkpoint (DDPM/EDM UNet; any block by name, default `mid`, or a module inside
+one), a public UNet (models.load_unet: a diffusers UNet2DModel folder such as google/ddpm-cifar10-32, a guided-diffusion
+file such as 64x64_diffusion.pt; official layer names accepted), a `repcond_dit.py` checkpoint or an official DiT .pt
+file (DiT; `blocks.i`, default the middle block, tokens mean-pooled).
 """
 import argparse
 import dataclasses
@@ -36,7 +39,8 @@ from data import UserError
 from training import (add_common_args, add_train_args, all_sum, autocast, check_out_dir, cleanup_distributed, compile_default,
                       draw_global, find_checkpoint, fit, HelpFormatter, linear_probe, load_json, load_state_dict_strict,
                       load_weights, resolve_amp, run, RunLog, save_heatmap, save_json, setup_distributed, step_generator)
-from models import checkpoint_kind, Diffusion, load_dit, load_run, make_objective, RepCondDiT, UNet, UNet_models
+from models import (checkpoint_kind, Diffusion, load_dit, load_run, load_unet, make_objective, RepCondDiT, UNet, UNet_models,
+                    unet_file_kind)
 from vae import Space
 
 # ----------------------------------------------------------------------------------------------
@@ -318,8 +322,10 @@ class Teacher:
         return self
 
     def compile(self):
-        """torch.compile the frozen forward (CUDA): the teacher costs more than the student's training step."""
-        self.net = torch.compile(self.net)
+        """torch.compile the frozen forward (CUDA): the teacher costs more than the student's training step. A
+        teacher whose feature a hook keeps (a module inside a block) runs eagerly."""
+        if getattr(self, "_out", None) is None:
+            self.net = torch.compile(self.net)
 
     def probe_shape(self, sample_shape, device):
         x = torch.zeros(2, *sample_shape, device=device)
@@ -335,13 +341,13 @@ class DiTTeacher(Teacher):
     images with --vae-path), with DiT's linear schedule over T = 1000."""
     kind = "dit"
 
-    def __init__(self, ckpt, layer, input_mode, device, vae_path=None, data_spec=None):
+    def __init__(self, ckpt, layer, input_mode, device, vae_path=None, data_spec=None, image_size=None):
         if os.path.isfile(ckpt):
             if data_spec is None:
                 raise UserError(f"--teacher {ckpt}: an official DiT file needs --data (a latents file, or images with --vae-path)")
             dit = load_dit(ckpt, device)
             model, cfg = RepCondDiT(dit).eval(), {"T": 1000}
-            self.space = Space(data.load(data_spec, "train"), vae_path, device, resolve_amp("auto", device))
+            self.space = Space(data.load(data_spec, "train", image_size), vae_path, device, resolve_amp("auto", device))
             if self.space.sample_shape != (dit.in_channels, dit.input_size, dit.input_size):
                 raise UserError(f"--data {data_spec}: model inputs are {self.space.sample_shape}, the DiT takes "
                                 f"{(dit.in_channels, dit.input_size, dit.input_size)} (--vae-path / --image-size)")
@@ -376,20 +382,37 @@ class DiTTeacher(Teacher):
 
 
 class UNetTeacher(Teacher):
-    """A ddae_probe.py checkpoint (DDPM or EDM UNet): block `down.i` / `mid` / `up.i` (default `mid`, as the
-    official release), global-average pooled; the forward stops at that block. For an EDM teacher the policy's
-    integer t is mapped to the VP-equivalent noise level sigma_t = sqrt((1 - abar_t) / abar_t) of the DDPM
-    linear schedule with T = 1000 (t = 11 ~ sigma 0.05), so t means the same for both objectives."""
+    """A ddae_probe.py checkpoint (DDPM or EDM UNet) or a public UNet (models.load_unet: a diffusers UNet2DModel
+    folder such as google/ddpm-cifar10-32, a guided-diffusion file such as 64x64_diffusion.pt; run on --data with the
+    file's own schedule, a class-conditional one without label embedding): block `down.i` / `mid` / `up.i` (default
+    `mid`, as the official release) or a module inside one (`mid.block2.conv2`; official names such as diffusers'
+    `mid_block.resnets.1.conv2` or guided-diffusion's `middle_block.2.out_layers.3` translate), global-average
+    pooled; the forward stops at that block. For an EDM teacher the policy's integer t is mapped to the
+    VP-equivalent noise level sigma_t = sqrt((1 - abar_t) / abar_t) of the DDPM linear schedule with T = 1000
+    (t = 11 ~ sigma 0.05), so t means the same for both objectives."""
     kind = "ddae"
 
-    def __init__(self, ckpt, layer, input_mode, device, vae_path=None, data_spec=None):
-        net, cfg, _, self.space = load_run(ckpt, device, vae_path, data_spec, kinds=("unet",))
+    def __init__(self, ckpt, layer, input_mode, device, vae_path=None, data_spec=None, image_size=None):
+        if unet_file_kind(ckpt):
+            if data_spec is None:
+                raise UserError(f"--teacher {ckpt}: a public UNet needs --data (the images it reads)")
+            net, cfg = load_unet(ckpt, device)
+            self.space = Space(data.load(data_spec, "train", image_size), vae_path, device, resolve_amp("auto", device))
+            if tuple(self.space.sample_shape) != tuple(cfg["sample_shape"]):
+                raise UserError(f"--data {data_spec}: images are {tuple(self.space.sample_shape)}, the UNet {ckpt} takes "
+                                f"{tuple(cfg['sample_shape'])} (--image-size)")
+        else:
+            net, cfg, _, self.space = load_run(ckpt, device, vae_path, data_spec, kinds=("unet",))
         obj = make_objective(cfg, device)
         names = net.layer_names()
-        layer = layer or ("mid" if "mid" in names else names[len(names) // 2])
-        if layer not in names:
-            raise UserError(f"--teacher-layer {layer}: not a layer of this network (one of {', '.join(names)})")
-        self.net, self.obj, self.layer, self.input_mode, self.cfg = net.truncated(layer), obj, layer, input_mode, cfg
+        layer = net.resolve_layer(layer, "--teacher-layer") if layer else ("mid" if "mid" in names else names[len(names) // 2])
+        block = net.block_of(layer)
+        if block is None:
+            raise UserError(f"--teacher-layer {layer}: outside the blocks (one of {', '.join(names)}, or a module inside one)")
+        self.net, self.obj, self.layer, self.input_mode, self.cfg = net.truncated(block), obj, layer, input_mode, cfg
+        self._out = None
+        if layer != block:  # a module inside the block: its output, kept by a hook, is the feature
+            self.net.get_submodule(layer).register_forward_hook(lambda m, i, o: setattr(self, "_out", o))
         self.T = obj.T if obj.kind == "ddpm" else 1000
         if obj.kind == "edm":
             abar = Diffusion(1000, device=device).alphas_cumprod
@@ -410,6 +433,8 @@ class UNetTeacher(Teacher):
         else:
             x_in, cond = self.obj.net_input(z0, lv, None)  # EDM's input scaling c_in(sigma) z0, no noise
         m = self.net(x_in, cond).float()  # (N, C, h, w)
+        if self._out is not None:
+            m = self._out.float()  # (N, C, h, w) of the hooked module inside the block
         return m.mean(dim=(2, 3)), m
 
     def noise_shape(self, x):
@@ -417,9 +442,12 @@ class UNetTeacher(Teacher):
 
 
 def teacher_kind(path):
-    """'ddae' | 'dit' for a checkpoint folder (OUT_DIR or OUT_DIR/ckpt) or an official DiT file, or one clear error."""
+    """'ddae' | 'dit' for a checkpoint folder (OUT_DIR or OUT_DIR/ckpt), a public UNet (diffusers folder or
+    guided-diffusion file: 'ddae') or an official DiT file, or one clear error."""
     if not os.path.exists(path):
         raise UserError(f"--teacher {path}: no such checkpoint folder or file")
+    if unet_file_kind(path):
+        return "ddae", path
     if os.path.isfile(path):
         return "dit", path  # an official DiT .pt (load_dit says in one line if it is not one)
     d = find_checkpoint(path)
@@ -429,14 +457,14 @@ def teacher_kind(path):
         return "ddae", d
     if kind == "dit":
         return "dit", d
-    raise UserError(f"--teacher {path}: not a ddae_probe.py or repcond_dit.py checkpoint "
+    raise UserError(f"--teacher {path}: not a ddae_probe.py or repcond_dit.py checkpoint nor a diffusers UNet2DModel folder "
                     f"(its config.json has stage {cfg.get('stage')!r}, model {cfg.get('model', cfg.get('student'))!r})")
 
 
-def load_teacher(path, layer=None, input_mode="noised", device="cpu", vae_path=None, data_spec=None):
+def load_teacher(path, layer=None, input_mode="noised", device="cpu", vae_path=None, data_spec=None, image_size=None):
     kind, d = teacher_kind(path)
     cls = UNetTeacher if kind == "ddae" else DiTTeacher
-    return cls(d, layer, input_mode, torch.device(device), vae_path, data_spec)
+    return cls(d, layer, input_mode, torch.device(device), vae_path, data_spec, image_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,7 +566,8 @@ def distill(args, teacher=None):
     torch.manual_seed(args.seed)  # initial weights: the same on every rank (fit starts the per-rank streams)
     ds = data.load(args.data, "train", args.image_size)
     if teacher is None:
-        teacher = load_teacher(args.teacher, args.teacher_layer, args.teacher_input, dist.device, args.vae_path, args.data)
+        teacher = load_teacher(args.teacher, args.teacher_layer, args.teacher_input, dist.device, args.vae_path, args.data,
+                               args.image_size)
     teacher.probe_shape(ds.sample_shape, dist.device)
     labeled = ds.labels is not None and len(ds.classes) > 0
     if args.t_policy == "rl" and not labeled:
@@ -810,10 +839,12 @@ def build_parser():
     q = sub.add_parser("distill", help="distil the teacher's features into the student (with the t policy)")
     add_common_args(q, "runs/repfusion/distill", test=False)
     add_train_args(q, steps=78_000, batch_size=128, lr=1e-3)  # 200 epochs of CIFAR-10 at batch 128
-    q.add_argument("--teacher", required=True, help="a ddae_probe.py or repcond_dit.py run (OUT_DIR or OUT_DIR/ckpt) or an "
-                                                   "official DiT .pt file")
+    q.add_argument("--teacher", required=True, help="a ddae_probe.py or repcond_dit.py run (OUT_DIR or OUT_DIR/ckpt), an "
+                                                   "official DiT .pt file, or a public UNet: a diffusers UNet2DModel folder "
+                                                   "(google/ddpm-cifar10-32) or a guided-diffusion .pt file (64x64_diffusion.pt)")
     q.add_argument("--teacher-layer", default=None,
-                   help="block name (ddae: down.i | mid | up.i, default mid; DiT: blocks.i, default the middle one)")
+                   help="block name (UNet: down.i | mid | up.i or a module inside one such as mid.block2.conv2, official "
+                        "diffusers / guided-diffusion paths too, default mid; DiT: blocks.i, default the middle one)")
     q.add_argument("--teacher-input", default="noised", choices=["noised", "clean"],
                    help="noised: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (the paper); clean: x0 with t (the official code)")
     q.add_argument("--student", default="resnet18", choices=sorted(Student_models))
