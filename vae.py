@@ -349,7 +349,12 @@ def load(path, device=None, dtype=None, scaling_factor=None):
     dtype defaults to float32 (the SD VAE can overflow in float16); scaling_factor defaults to what the file says
     (scaling_factor_of); the model's `scaling_factor_source` records where the factor came from."""
     path = _resolve(str(path))
-    raw = strip_wrapper_prefixes(_read_state_dict(path))
+    return from_state_dict(_read_state_dict(path), path, device, dtype, scaling_factor)
+
+
+def from_state_dict(raw, path, device=None, dtype=None, scaling_factor=None):
+    """`load` on a state dict already read from `path` (a full Stable Diffusion file is read once, by sd.py)."""
+    raw = strip_wrapper_prefixes(raw)
     sd = _select_vae(raw)
     layout = "diffusers" if is_diffusers_layout(sd) else "LDM"
     if layout == "diffusers":
