@@ -367,6 +367,16 @@ class Tokenizer:
         self.max_len = max_len
         self.byte_char = bytes_to_unicode()
         self.cache = {}
+        self.special = {}
+        self.add_special("<|startoftext|>", self.bos)
+        self.add_special("<|endoftext|>", self.eos)
+
+    def add_special(self, text, id):
+        """A string that maps to one id wherever it occurs in the raw text. transformers' CLIPTokenizer does this for
+        its pad token too, so a diffusers SD 2 folder (pad token "!") encodes every "!" as id 0, not as "!</w>": the
+        ids diffusers (and the paper's official code) fed SD 2. OpenCLIP's own tokenizer does not."""
+        self.special[text] = id
+        self.split = re.compile("(" + "|".join(map(re.escape, sorted(self.special, key=len, reverse=True))) + ")")
 
     def bpe(self, word):
         if word in self.cache:
@@ -392,11 +402,15 @@ class Tokenizer:
 
     def encode(self, text):
         """One string -> its BPE ids, without start/end tokens. Unknown pieces map to the end token (CLIP's unk)."""
-        text = re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).lower()
         ids = []
-        for word in pre_tokenize(text):
-            chars = "".join(self.byte_char[b] for b in word.encode("utf-8"))
-            ids += [self.encoder.get(p, self.eos) for p in self.bpe(chars)]
+        for piece in self.split.split(text):
+            if piece in self.special:
+                ids.append(self.special[piece])
+                continue
+            piece = re.sub(r"\s+", " ", unicodedata.normalize("NFC", piece)).lower()
+            for word in pre_tokenize(piece):
+                chars = "".join(self.byte_char[b] for b in word.encode("utf-8"))
+                ids += [self.encoder.get(p, self.eos) for p in self.bpe(chars)]
         return ids
 
     def __call__(self, texts):
@@ -414,7 +428,7 @@ def read_tokenizer(path, pad_id=None):
     if os.path.isfile(path) and path.endswith(".gz"):
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")[1:49152 - 256 - 2 + 1]  # as simple_tokenizer.py: 48894 merges
-        merges = [tuple(line.split()) for line in lines]
+        merges = [tuple(line.split()) for line in lines if line.strip()]
         base = list(bytes_to_unicode().values())
         tokens = base + [c + "</w>" for c in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
         return Tokenizer({t: i for i, t in enumerate(tokens)}, merges, pad_id)
@@ -749,6 +763,7 @@ def load_diffusers(path, device=None, dtype=None, tokenizer=None, prediction_typ
             pad = pad.get("content") if isinstance(pad, dict) else pad
             if pad in tok.encoder:
                 tok.pad_id = tok.encoder[pad]
+                tok.add_special(pad, tok.pad_id)  # as transformers' CLIPTokenizer, which diffusers uses
                 break
     return StableDiffusion(unet, text, vae_model, tok, abar, pred, version, path).to(device or "cpu").eval()
 
