@@ -708,30 +708,37 @@ def _json(path):
         raise UserError(f"{path}: unreadable ({vae._one_line(e)})") from None
 
 
-def load_diffusers(path, device=None, dtype=None, tokenizer=None, prediction_type=None):
-    """A diffusers pipeline folder: unet/, text_encoder/, tokenizer/, vae/, scheduler/scheduler_config.json."""
-    for sub in ("unet", "text_encoder", "vae", "scheduler"):
-        if not os.path.isdir(os.path.join(path, sub)):
-            raise UserError(f"{path}: no {sub}/ folder (expected a diffusers Stable Diffusion pipeline folder)")
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
-    ucfg = _json(os.path.join(path, "unet", "config.json"))
+def load_diffusers_unet(folder, dtype=torch.float32):
+    """A diffusers `unet/` folder (config.json + weights) -> (UNetModel, "sd1" | "sd2"), renamed to LDM keys and loaded
+    strictly. diffusers' `attention_head_dim` is the number of heads (its documented misnomer)."""
+    ucfg = _json(os.path.join(folder, "config.json"))
     for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim"):
         if ucfg.get(key):
-            raise UserError(f"{path}/unet/config.json: {key}={ucfg[key]!r} is not Stable Diffusion 1.x/2.x (SDXL and "
+            raise UserError(f"{folder}/config.json: {key}={ucfg[key]!r} is not Stable Diffusion 1.x/2.x (SDXL and "
                             "other UNets are not supported)")
-    ufile = _weights(os.path.join(path, "unet"), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                                                  "diffusion_pytorch_model.bin"))
+    ufile = _weights(folder, ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                              "diffusion_pytorch_model.bin"))
     usd = vae._read_state_dict(ufile)
     attention = tuple(t.startswith("CrossAttn") for t in ucfg.get("down_block_types", []))
     nrb = ucfg.get("layers_per_block", 2)
     usd = unet_diffusers_to_ldm(usd, nrb, attention)
     version = "sd1" if ucfg.get("cross_attention_dim", 768) == 768 else "sd2"
     config = unet_config(usd, version)
-    if config is not None:  # diffusers' `attention_head_dim` is the number of heads (its documented misnomer)
+    if config is not None:
         heads = ucfg.get("num_attention_heads") or ucfg.get("attention_head_dim", 8)
         heads = heads if isinstance(heads, list) else [heads] * len(config["channel_mult"])
         config["num_heads"] = tuple(heads)
     unet = build(UNetModel, config, usd, f"{ufile} (UNet)", dtype)
+    return unet, version
+
+
+def load_diffusers(path, device=None, dtype=None, tokenizer=None, prediction_type=None):
+    """A diffusers pipeline folder: unet/, text_encoder/, tokenizer/, vae/, scheduler/scheduler_config.json."""
+    for sub in ("unet", "text_encoder", "vae", "scheduler"):
+        if not os.path.isdir(os.path.join(path, sub)):
+            raise UserError(f"{path}: no {sub}/ folder (expected a diffusers Stable Diffusion pipeline folder)")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
+    unet, version = load_diffusers_unet(os.path.join(path, "unet"), dtype)
     tcfg = _json(os.path.join(path, "text_encoder", "config.json"))
     tfile = _weights(os.path.join(path, "text_encoder"), ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin"))
     tsd = {k: v for k, v in vae._read_state_dict(tfile).items() if not k.endswith("position_ids")}
