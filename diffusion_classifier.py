@@ -22,10 +22,14 @@ probabilities softmax(-err / tau) with tau fitted on that split.
     python diffusion_classifier.py classify --ckpt DiT-XL-2-256x256.pt --data imagenet_val_latents.safetensors \\
         --val-data imagenet_train_latents.safetensors --n-samples 25 250 --to-keep 10 1 --seq-alpha 0.05
     torchrun --nproc_per_node=8 diffusion_classifier.py classify ...   # or --shard i/n per machine, then `merge`
+    python diffusion_classifier.py classify --sd-path stable-diffusion-2-base --data pets/ --prompts prompts/pets_prompts.csv
+    python diffusion_classifier.py score --sd-path v1-5-pruned-emaonly.safetensors --tokenizer clip-vit-large-patch14/ \\
+        --data pairs/ --texts captions.txt
 
 Denoisers: this file's `train` checkpoints, repcond_dit.py `tune` checkpoints, official DiT files
 (DiT-XL-2-256x256.pt, 512: the first 4 output channels are eps) and ddae_probe.py UNets trained
-class-conditionally. Runs are resumable and shardable: per-image results are appended to
+class-conditionally; and Stable Diffusion 1.x / 2.x zero-shot (--sd-path with --prompts: each class's prompts
+condition sd.py's UNet; docs/sd.md). Runs are resumable and shardable: per-image results are appended to
 OUT_DIR/results/shard-*.jsonl, and `merge` (run automatically when every shard is done) writes
 metrics.json and confusion.png.
 """
