@@ -627,7 +627,7 @@ class StableDiffusion(nn.Module):
 
 
 LDM_BUFFERS = re.compile(r"^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_.*|log_one_minus_alphas_cumprod|posterior_.*|"
-                         r"logvar|lvlb_weights|model_ema\..*|loss\..*|model\.diffusion_model\.__.*)$")
+                         r"logvar|lvlb_weights|model_ema\..*|loss\..*)$")  # LDM's schedule buffers, EMA copies, loss terms
 
 
 def _check_prediction_type(p, flag_hint):
