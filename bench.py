@@ -13,6 +13,7 @@ Sections, baseline -> fast path (ratio = fast over baseline, > 1 is faster):
   repfusion_train  repfusion.py distillation step: frozen teacher features + student/policy/head forward-backward,
                                                                             eager fp32 -> bf16 + compile: img/s
   vae_encode       VAE encoder, same weights                                diffusers AutoencoderKL -> vae.py: img/s
+  sd_unet          Stable Diffusion UNet pass, same weights                 diffusers UNet2DConditionModel -> sd.py: img/s
   dc_classify      Diffusion Classifier Zero, 1 t                           one forward per (image, class) -> batched: img/s
   elbo_classify    diffusion_classifier.py ELBO classification              exhaustive -> paper's adaptive schedule: img/s, NFE
   probe_grid       ddae_probe.py layer x t linear-probe grid                one run per cell -> batched grid: seconds
@@ -282,6 +283,49 @@ def bench_vae_encode(args, device):
     return rows
 
 
+def bench_sd_unet(args, device):
+    """sd.py's Stable Diffusion UNet vs diffusers' UNet2DConditionModel at the same random weights (a diffusers folder
+    read by sd.load): img/s of one denoiser pass, and the largest output difference. --full: the SD 2 base UNet
+    (865M parameters, head dim 64, linear projections, 1024-d text) on 64x64x4 latents (512 px), batch 32, fp16."""
+    try:
+        from diffusers import UNet2DConditionModel
+    except ImportError:
+        return [{"section": "sd_unet", "config": "diffusers not installed", "mode": "skipped", "img_s": float("nan")}]
+    import sd
+    blocks = size(args, (32, 64), (64, 128, 128), (320, 640, 1280, 1280))
+    n = len(blocks)
+    ctx_dim = size(args, 64, 256, 1024)
+    ref = UNet2DConditionModel(
+        block_out_channels=blocks, layers_per_block=size(args, 1, 2, 2), cross_attention_dim=ctx_dim,
+        attention_head_dim=[c // 64 if c >= 64 else 1 for c in blocks], use_linear_projection=True, norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1))
+    random_weights(ref)
+    folder = os.path.join(args.work_dir, "sd_unet")
+    ref.save_pretrained(folder)
+    ours, _ = sd.load_diffusers_unet(folder)
+    res, B = size(args, (8, 2), (16, 4), (64, 32))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    ref, ours = ref.to(device, dtype).eval(), ours.to(device, dtype).eval()
+    x = torch.randn(B, 4, res, res, device=device, dtype=dtype)
+    t = torch.randint(0, 1000, (B,), device=device)
+    ctx = torch.randn(B, 77, ctx_dim, device=device, dtype=dtype)
+    with torch.no_grad():
+        diff = (ref(x, t, encoder_hidden_states=ctx).sample.float() - ours(x, t, ctx).float()).abs().max().item()
+    rows = []
+    for name, fn in (("diffusers UNet2DConditionModel", lambda: ref(x, t, encoder_hidden_states=ctx).sample), ("sd.py", lambda: ours(x, t, ctx))):
+        def run():
+            with torch.no_grad():
+                fn()
+        rows.append({"section": "sd_unet", "config": f"{'SD 2 base' if args.full else 'small'} UNet at {res}x{res}x4, batch {B}, "
+                     f"{str(dtype).split('.')[1]}", "mode": name, "img_s": B / timeit(run, device, args.warmup, args.iters)})
+    rows[1]["max_abs_diff"] = diff
+    # the paper's adaptive schedule (50 then 500 slots, keep 5 then 1) costs K * 50 + 5 * 450 passes per image
+    rows[1]["passes_per_image_paper_K10"] = 10 * 50 + 5 * 450
+    speedup(rows[0], rows[1])
+    return rows
+
+
 def bench_dc_classify(args, device):
     """DC0 errors of B images x K classes at one t (repcond_dit.dc0_errors): one batched call (compiled on CUDA)
     vs an eager loop with one forward per (image, class). Both use the same eps, so they must agree."""
@@ -387,7 +431,8 @@ def bench_probe_grid(args, device):
 
 
 SECTIONS = {"dit_train": bench_dit_train, "dc_train": bench_dc_train, "ddae_train": bench_ddae_train,
-            "repfusion_train": bench_repfusion_train, "vae_encode": bench_vae_encode, "dc_classify": bench_dc_classify,
+            "repfusion_train": bench_repfusion_train, "vae_encode": bench_vae_encode, "sd_unet": bench_sd_unet,
+            "dc_classify": bench_dc_classify,
             "elbo_classify": bench_elbo_classify, "probe_grid": bench_probe_grid}
 
 

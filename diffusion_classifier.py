@@ -22,10 +22,14 @@ probabilities softmax(-err / tau) with tau fitted on that split.
     python diffusion_classifier.py classify --ckpt DiT-XL-2-256x256.pt --data imagenet_val_latents.safetensors \\
         --val-data imagenet_train_latents.safetensors --n-samples 25 250 --to-keep 10 1 --seq-alpha 0.05
     torchrun --nproc_per_node=8 diffusion_classifier.py classify ...   # or --shard i/n per machine, then `merge`
+    python diffusion_classifier.py classify --sd-path stable-diffusion-2-base --data pets/ --prompts prompts/pets_prompts.csv
+    python diffusion_classifier.py score --sd-path v1-5-pruned-emaonly.safetensors --tokenizer clip-vit-large-patch14/ \\
+        --data pairs/ --texts captions.txt
 
 Denoisers: this file's `train` checkpoints, repcond_dit.py `tune` checkpoints, official DiT files
 (DiT-XL-2-256x256.pt, 512: the first 4 output channels are eps) and ddae_probe.py UNets trained
-class-conditionally. Runs are resumable and shardable: per-image results are appended to
+class-conditionally; and Stable Diffusion 1.x / 2.x zero-shot (--sd-path with --prompts: each class's prompts
+condition sd.py's UNet; docs/sd.md). Runs are resumable and shardable: per-image results are appended to
 OUT_DIR/results/shard-*.jsonl, and `merge` (run automatically when every shard is done) writes
 metrics.json and confusion.png.
 """
@@ -113,6 +117,146 @@ def load_denoiser(ckpt, device="cpu"):
     model = load_weights(d, build_model(cfg))
     den = Denoiser(model.denoiser, cfg["num_classes"], cfg["sample_shape"], cfg.get("T", 1000), cfg.get("classes"), kind=cfg.get("stage", "dit"))
     return den.to(device).eval(), cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Stable Diffusion: a text-conditional denoiser made class-conditional by prompts (the paper's zero-shot setting)
+
+
+def read_prompts(spec):
+    """--prompts -> [(prompt, class index or None, class name or None)].
+
+    A .csv file as the official code's prompts/*.csv: a header with `prompt` and `classidx` (and `classname`), one
+    row per prompt; several rows of one class are averaged (prompt ensembling). Otherwise each value is a template
+    with "{}" that the data set's class names fill ("a photo of a {}."); several templates are averaged."""
+    import csv
+    if len(spec) == 1 and spec[0].lower().endswith(".csv"):
+        path = spec[0]
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        except OSError as e:
+            raise UserError(f"--prompts {path}: unreadable ({e.strerror or e})")
+        if not rows or not {"prompt", "classidx"} <= set(rows[0]):
+            raise UserError(f"--prompts {path}: expected a CSV with a header naming the columns prompt, classidx (and classname)")
+        try:
+            return [(r["prompt"], int(r["classidx"]), r.get("classname")) for r in rows]
+        except (TypeError, ValueError):
+            raise UserError(f"--prompts {path}: classidx must be an integer in every row")
+    bad = [s for s in spec if s.count("{}") != 1]
+    if bad:
+        raise UserError(f"--prompts {bad[0]!r}: expected a .csv file or templates with one '{{}}' for the class name")
+    return [(s, None, None) for s in spec]
+
+
+class SDDenoiser(Denoiser):
+    """Stable Diffusion as a class-conditional eps-predictor over its prompts: forward(x_t, t, p) runs the UNet with
+    prompt p's text embedding (computed once, in set_classes). `groups[c]` lists the prompts of class c.
+    A v-prediction model's output is converted to eps (sd.StableDiffusion.eps)."""
+
+    def __init__(self, pipe, prompts, image_size):
+        nn.Module.__init__(self)
+        self.pipe, self.vae, self.T, self.kind, self.named = pipe, pipe.vae, len(pipe.alphas_cumprod), "sd", True
+        f = pipe.vae.downsample_factor
+        if image_size % f:
+            raise UserError(f"--image-size {image_size}: not a multiple of the VAE's downsampling factor {f}")
+        self.sample_shape = (pipe.vae.latent_channels, image_size // f, image_size // f)
+        self.spec = prompts
+        self.classes = None
+        if prompts[0][1] is not None:  # a CSV names its classes
+            K = 1 + max(c for _, c, _ in prompts)
+            names = {c: n for _, c, n in prompts}
+            self.set_classes([names.get(k) or str(k) for k in range(K)])
+
+    def set_classes(self, classes):
+        """Fill the templates with the class names (underscores as spaces) and encode every prompt once."""
+        if self.spec[0][1] is None:
+            self.prompts = [t.replace("{}", c.replace("_", " ")) for c in classes for t, _, _ in self.spec]
+            per = len(self.spec)
+            self.groups = [list(range(k * per, (k + 1) * per)) for k in range(len(classes))]
+        else:
+            self.prompts = [p for p, _, _ in self.spec]
+            self.groups = [[i for i, (_, c, _) in enumerate(self.spec) if c == k] for k in range(len(classes))]
+            empty = [k for k, g in enumerate(self.groups) if not g]
+            if empty:
+                raise UserError(f"--prompts: no prompt for class index {empty[0]} (indices must run 0..{len(classes) - 1})")
+        self.classes, self.num_classes = list(classes), len(classes)
+        self.register_buffer("context", self.pipe.encode_text(self.prompts), persistent=False)  # (P, 77, D)
+
+    def forward(self, x_t, t, p):
+        return self.pipe.eps(x_t, t, self.context[p])  # (N, 4, h, w)
+
+
+class PromptErrors:
+    """ErrorFn over classes from ErrorFn over prompts: the error of (image, class, slot) is the mean over the class's
+    prompts, each at the same (t, eps) (paired); with one prompt per class it is a re-indexing."""
+
+    def __init__(self, err_fn, groups):
+        self.err_fn = err_fn
+        dev = err_fn.slot_t.device
+        self.count = torch.tensor([len(g) for g in groups], device=dev)
+        self.start = torch.cumsum(self.count, 0) - self.count
+        self.flat = torch.tensor([p for g in groups for p in g], device=dev)
+
+    @property
+    def passes(self):
+        return self.err_fn.passes
+
+    def bind(self, z0, noise):
+        self.err_fn.bind(z0, noise)
+        return self
+
+    def __call__(self, b, c, j):
+        n = self.count[c]  # prompts of each request's class
+        r = torch.arange(len(c), device=c.device).repeat_interleave(n)  # request of each (request, prompt) pair
+        k = torch.arange(len(r), device=c.device) - (torch.cumsum(n, 0) - n).repeat_interleave(n)  # prompt within the class
+        e = self.err_fn(b[r], self.flat[self.start[c][r] + k], j[r])
+        return torch.zeros(len(c), device=e.device).index_add_(0, r, e) / n
+
+
+class TableDiffusion(Diffusion):
+    """A Diffusion whose abar comes from a table (SD's scaled-linear schedule, or the file's alphas_cumprod)."""
+
+    def __init__(self, alphas_cumprod, device="cpu"):
+        abar = alphas_cumprod.double().cpu()
+        self.T = len(abar)
+        self.alphas_cumprod = abar.float().to(device)
+        self.gamma, self.delta = abar.sqrt().float().to(device), (1 - abar).sqrt().float().to(device)
+
+
+def load_sd_denoiser(args, device):
+    """--sd-path (+ --prompts, --tokenizer, --prediction-type) -> (SDDenoiser, config dict). Images are encoded at
+    --image-size (default 512, the paper's) to the VAE's posterior mean x scaling factor."""
+    import sd
+    if not args.data:
+        raise UserError("--data is required with --sd-path: the images to classify (a folder of class folders, or a named set)")
+    if not args.prompts:
+        raise UserError("--prompts is required with --sd-path: a prompts .csv (prompt, classname, classidx) or a template "
+                        "such as 'a photo of a {}.'")
+    prompts = read_prompts(args.prompts)
+    pipe = sd.load(args.sd_path, device=device, tokenizer=args.tokenizer, prediction_type=args.prediction_type)
+    if device.type == "cuda":
+        pipe.unet.to(memory_format=torch.channels_last)
+    den = SDDenoiser(pipe, prompts, args.image_size).eval()
+    if den.classes is not None and den.num_classes == 1000:  # a 1000-class CSV (the official imagenet_prompts.csv)
+        den.classes = [w for w, _ in data.imagenet_classes()]  # indexes ImageNet's classes: match the data by wnid or name
+    cfg = {"kind": "sd", "T": den.T, "version": pipe.version, "prediction_type": pipe.prediction_type}
+    return den, cfg
+
+
+def sd_defaults(args):
+    """Flags whose defaults differ with --sd-path: 512 px, no calibration images, 32 UNet passes per forward."""
+    sd_mode = bool(getattr(args, "sd_path", None))
+    if sd_mode and args.image_size is None:
+        args.image_size = 512
+    if args.n_val is None:
+        args.n_val = 0 if sd_mode else 200
+    if args.max_batch is None:
+        args.max_batch = 32 if sd_mode else 1024
+    if not sd_mode and (args.prompts or args.tokenizer or args.prediction_type):
+        raise UserError("--prompts, --tokenizer and --prediction-type need --sd-path")
+    if sd_mode and args.ckpt:
+        raise UserError("--ckpt and --sd-path: classify with one model, not both")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -695,12 +839,14 @@ def resolve_data(args, den, cfg, device):
     test = data.load(spec, args.split, image_size, flag=f"--data (this stage classifies --split {args.split})")
     if test.labels is None:
         raise UserError(f"--data {spec}: classification needs labels")
+    if isinstance(den, SDDenoiser) and den.classes is None:  # prompt templates: the data's class names fill them
+        den.set_classes(test.classes)
     if den.named:  # data label i means the data's class i: map it to the denoiser's class of that name (or wnid)
         test = data.relabel(test, den.classes, f"--data {spec}")
     if int(test.labels.max()) >= den.num_classes:
         raise UserError(f"--data {spec}: labels go up to {int(test.labels.max())}, the model has {den.num_classes} classes")
     amp = resolve_amp(args.amp, device)
-    space = Space(test, args.vae_path or cfg.get("vae_path"), device, amp)
+    space = Space(test, args.vae_path or cfg.get("vae_path"), device, amp, vae_model=getattr(den, "vae", None))
     if tuple(space.sample_shape) != tuple(den.sample_shape):
         raise UserError(f"--data {spec}: model inputs are {tuple(space.sample_shape)}, the denoiser takes {tuple(den.sample_shape)}"
                         + (" (pass --vae-path to encode images to latents)" if space.kind == "pixel" else ""))
@@ -800,7 +946,7 @@ def build_policy(args, M, n_cand):
 
 
 def _cal_settings(args, grid):
-    return {"ckpt": os.path.abspath(args.ckpt), "data": args.data, "val_data": args.val_data, "n_val": args.n_val, "seed": args.seed,
+    return {"ckpt": os.path.abspath(args.sd_path or args.ckpt), **({"prompts": args.prompts} if args.sd_path else {}), "data": args.data, "val_data": args.val_data, "n_val": args.n_val, "seed": args.seed,
             "t_grid": grid, "loss": args.loss, "target": args.target, "weighting": args.weighting, "classes": args.classes,
             "auto_budget": args.auto_budget}
 
@@ -898,12 +1044,14 @@ def classify(args):
     compile_default(args, dist)
     si, sn = parse_shard(args.shard, dist)
     apply_protocol(args)
+    sd_defaults(args)
     stage_args(args)  # flag errors before any work
-    den, cfg = load_denoiser(args.ckpt, dist.device)
+    den, cfg = load_sd_denoiser(args, dist.device) if args.sd_path else load_denoiser(args.ckpt, dist.device)
     log = print if dist.is_main else (lambda *a, **k: None)
     test, avail, val, val_note, space = resolve_data(args, den, cfg, dist.device)
     betas = getattr(den, "betas", (1e-4, 0.02))
-    diffusion = Diffusion(den.T, beta_start=betas[0], beta_end=betas[1], device=dist.device, scale_to_T=den.kind != "ddae-unet")
+    diffusion = (TableDiffusion(den.pipe.alphas_cumprod, dist.device) if isinstance(den, SDDenoiser)
+                 else Diffusion(den.T, beta_start=betas[0], beta_end=betas[1], device=dist.device, scale_to_T=den.kind != "ddae-unet"))
     grid = timestep_grid(den.T, max(stage_args(args)[0]), args.t, args.n_noise)
     M, K = len(grid), den.num_classes
     alive0 = None
@@ -917,7 +1065,8 @@ def classify(args):
     g = torch.Generator().manual_seed(args.seed)
     indices = avail[torch.randperm(len(avail), generator=g)[:args.n_test]].sort().values if 0 < args.n_test < len(avail) else avail
     indices = indices.tolist()
-    run = {"ckpt": os.path.abspath(args.ckpt), "data": args.data or cfg.get("data"), "split": args.split, "seed": args.seed,
+    run = {"ckpt": os.path.abspath(args.sd_path or args.ckpt), **({"prompts": den.prompts} if args.sd_path else {}),
+           "data": args.data or cfg.get("data"), "split": args.split, "seed": args.seed,
            "indices": indices, "num_classes": K, "classes": args.classes, "class_names": den.classes,
            "t_grid": grid, "n_slots": M, "loss": args.loss, "target": args.target, "weighting": args.weighting,
            "schedule": args.schedule, "policy": policy.to_json(), "policy_text": policy.describe(grid),
@@ -934,6 +1083,8 @@ def classify(args):
         refuse_another_run(("val_note", "tau", "calibrated") + (("policy", "policy_text") if args.schedule == "auto" else ()))
     err_fn = ErrorFn(den, diffusion, grid, args.loss, args.target, args.weighting, args.max_batch,
                      resolve_amp(args.amp, dist.device), args.compile)
+    if isinstance(den, SDDenoiser):  # the classes' errors from their prompts' (averaged over an ensemble)
+        err_fn = PromptErrors(err_fn, den.groups)
     policy, cal = calibrate(args, err_fn, space, val, grid, K, alive0, policy, dist, log)
     run.update(policy=policy.to_json(), policy_text=policy.describe(grid), tau=cal["tau"], calibrated=cal["calibrated"])
     noise = shared_noise(args.noise_path, policy, space.sample_shape) if args.noise_path else None
@@ -963,6 +1114,64 @@ def classify(args):
     if dist.is_main:
         return merge(args.out_dir)
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# score: image-text matching with Stable Diffusion (the paper's compositional evaluation)
+
+
+def read_texts(spec):
+    """--texts: one .txt file (a text per line) or the texts themselves."""
+    if len(spec) == 1 and spec[0].endswith(".txt") and os.path.isfile(spec[0]):
+        with open(spec[0], encoding="utf-8") as f:
+            texts = [line.strip() for line in f if line.strip()]
+        if not texts:
+            raise UserError(f"--texts {spec[0]}: no lines")
+        return texts
+    return list(spec)
+
+
+@torch.no_grad()
+def score(args):
+    """The error matrix of N images x M texts: err[i, m] = mean over the slot grid of ||eps - eps(x_t, t, text m)||^2,
+    with the same (t, eps) for every text of an image (paired). The lower, the better text m matches image i (the
+    paper's image-text matching). Writes scores.json (errors, each image's best text) and scores.png (heatmap)."""
+    dist = setup_distributed(args.device)
+    compile_default(args, dist)
+    args.image_size = args.image_size or 512
+    import sd
+    texts = read_texts(args.texts)
+    pipe = sd.load(args.sd_path, device=dist.device, tokenizer=args.tokenizer, prediction_type=args.prediction_type)
+    den = SDDenoiser(pipe, [(t, i, t) for i, t in enumerate(texts)], args.image_size).eval()
+    ds = data.load(args.data, args.split, args.image_size, flag="--data")
+    if ds.images is None:
+        raise UserError(f"--data {args.data}: holds latents; score needs images (encoded by the SD model's own VAE)")
+    amp = resolve_amp(args.amp, dist.device)
+    space = Space(ds, None, dist.device, amp, vae_model=pipe.vae)
+    g = torch.Generator().manual_seed(args.seed)
+    idx = torch.randperm(len(ds), generator=g)[:args.n_images].sort().values if 0 < args.n_images < len(ds) else torch.arange(len(ds))
+    grid = timestep_grid(den.T, args.n_samples)
+    M, K = len(grid), len(texts)
+    err_fn = PromptErrors(ErrorFn(den, TableDiffusion(pipe.alphas_cumprod, dist.device), grid, args.loss,
+                                  max_batch=args.max_batch, amp=amp, compile=args.compile), den.groups)
+    bar = Progress("score", len(idx), dist)
+    r = classify_images(err_fn, space, ds, idx.tolist(), full_policy(M), M, K, args.seed, 0, args.batch_size, None,
+                        dist.device, on_batch=lambda ib, r, sec: bar.update(len(ib)), keep_E=False)
+    err = r["err"]  # (N, K)
+    names = [f"image {i}" + (f" ({ds.classes[int(ds.labels[i])]})" if ds.labels is not None and ds.classes else "") for i in idx.tolist()]
+    out = {"texts": texts, "images": idx.tolist(), "image_names": names, "error": [[_num(v) for v in row] for row in err],
+           "best_text": err.argmin(1).tolist(), "t_grid": grid, "n_slots": M, "loss": args.loss, "sd_path": args.sd_path}
+    if len(idx) == K:  # image i and text i as pairs: how often an image picks its own text
+        out["diagonal_accuracy"] = (err.argmin(1) == torch.arange(K)).float().mean().item()
+    os.makedirs(args.out_dir, exist_ok=True)
+    save_json(os.path.join(args.out_dir, "config.json"), vars(args))
+    save_json(os.path.join(args.out_dir, "scores.json"), out)
+    short = [t if len(t) <= 40 else t[:37] + "..." for t in texts]
+    save_heatmap(err.numpy(), os.path.join(args.out_dir, "scores.png"), names, short,
+                 title=f"eps error (lower: better match), {M} slots", vmin=float(err.min()))
+    print(f"scored {len(idx)} images x {K} texts over {M} slots; wrote {os.path.join(args.out_dir, 'scores.json')}"
+          + (f" | diagonal accuracy {out['diagonal_accuracy']:.3f}" if "diagonal_accuracy" in out else ""))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1152,9 +1361,24 @@ def pipeline(args):
     return metrics
 
 
+def add_sd_args(q, required=False):
+    q.add_argument("--sd-path", default=None, required=required,
+                   help="Stable Diffusion 1.x/2.x: a diffusers folder (stable-diffusion-2-base/) or an LDM single file "
+                        "(v1-5-pruned-emaonly.safetensors); classifies zero-shot through --prompts")
+    q.add_argument("--prompts", nargs="+", default=None,
+                   help="with --sd-path: a prompts .csv (prompt,classname,classidx; several rows per class are averaged) or "
+                        "templates filled with the data's class names ('a photo of a {}.'; several are averaged)")
+    q.add_argument("--tokenizer", default=None,
+                   help="CLIP's vocab.json + merges.txt folder or bpe_simple_vocab_16e6.txt.gz (default: the SD folder's tokenizer/, "
+                        "or one beside a single file)")
+    q.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="override the model's (needed for SD 2.x single files: 512-px base models eps, 768-px models v)")
+
+
 def add_classify_args(q):
     add_common_args(q, "runs/dc/classify", test=False)
     q.add_argument("--ckpt", default=None, help="checkpoint folder (train / repcond_dit.py tune / ddae_probe.py) or official DiT .pt")
+    add_sd_args(q)
     q.set_defaults(data=None)
     q.add_argument("--split", default="test", help="split of --data to classify")
     q.add_argument("--n-test", type=int, default=0, help="classify a random subset of this many images (0: all)")
@@ -1174,14 +1398,16 @@ def add_classify_args(q):
     q.add_argument("--loss", default="l2", choices=["l2", "l1", "huber"])
     q.add_argument("--target", default="eps", choices=["eps", "x0"], help="error on eps (ELBO) or on the predicted x0 (DC0)")
     q.add_argument("--weighting", default="uniform", choices=["uniform", "elbo"], help="per-timestep weights of the errors")
-    q.add_argument("--n-val", type=int, default=200, help="validation images for tau and --schedule auto (0: no calibration)")
+    q.add_argument("--n-val", type=int, default=None,
+                   help="validation images for tau and --schedule auto (0: no calibration; default 200, 0 with --sd-path)")
     q.add_argument("--val-data", default=None, help="validation data (default: held-out train images of the checkpoint, else the train split)")
     q.add_argument("--val-full", action="store_true", help="compute every validation error even for a given schedule (enables reuse)")
     q.add_argument("--calibration", default=None, help="reuse a calibration.json (and its val_errors) of an earlier run")
     q.add_argument("--tau", type=float, default=None, help="fixed temperature instead of fitting it")
     q.add_argument("--shard", default="0/1", help="i/n: classify every n-th image from the i-th (times torchrun ranks)")
     q.add_argument("--batch-size", type=int, default=32, help="images per batch (each appended to the results when done)")
-    q.add_argument("--max-batch", type=int, default=1024, help="denoiser passes per forward (images x classes x timesteps)")
+    q.add_argument("--max-batch", type=int, default=None,
+                   help="denoiser passes per forward (images x classes x timesteps; default 1024, 32 with --sd-path)")
     q.add_argument("--save-errors", action="store_true", help="also store every (class, slot) error per image")
     q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     q.add_argument("--protocol", default=None, choices=sorted(PROTOCOLS),
@@ -1219,6 +1445,18 @@ def build_parser():
     q = sub.add_parser("classify", help="ELBO classification of a data set (resumable, shardable)")
     add_classify_args(q)
 
+    q = sub.add_parser("score", help="Stable Diffusion: error matrix of images x texts (image-text matching), JSON + heatmap")
+    add_common_args(q, "runs/dc/score", test=False)
+    q.set_defaults(data=None)
+    add_sd_args(q, required=True)
+    q.add_argument("--texts", nargs="+", required=True, help="a .txt file (one text per line) or the texts")
+    q.add_argument("--split", default="test", help="split of --data to score")
+    q.add_argument("--n-images", type=int, default=0, help="score a random subset of this many images (0: all)")
+    q.add_argument("--n-samples", type=int, default=100, help="slots (t, eps) of the stratified grid, the same for every text")
+    q.add_argument("--loss", default="l2", choices=["l2", "l1", "huber"])
+    q.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    q.add_argument("--max-batch", type=int, default=32, help="UNet passes per forward")
+
     q = sub.add_parser("merge", help="merge the shards of a classify run into metrics.json")
     q.add_argument("--out-dir", required=True)
 
@@ -1236,7 +1474,7 @@ def build_parser():
 
 
 def main(args):
-    stages = {"train": train, "classify": classify, "bench": bench, None: pipeline,
+    stages = {"train": train, "classify": classify, "score": score, "bench": bench, None: pipeline,
               "merge": lambda a: merge(a.out_dir)}
     if args.cmd is not None:
         check_out_dir(args, resumable=args.cmd in ("classify", "merge"))  # classify resumes and refuses other runs itself

@@ -349,7 +349,12 @@ def load(path, device=None, dtype=None, scaling_factor=None):
     dtype defaults to float32 (the SD VAE can overflow in float16); scaling_factor defaults to what the file says
     (scaling_factor_of); the model's `scaling_factor_source` records where the factor came from."""
     path = _resolve(str(path))
-    raw = strip_wrapper_prefixes(_read_state_dict(path))
+    return from_state_dict(_read_state_dict(path), path, device, dtype, scaling_factor)
+
+
+def from_state_dict(raw, path, device=None, dtype=None, scaling_factor=None):
+    """`load` on a state dict already read from `path` (a full Stable Diffusion file is read once, by sd.py)."""
+    raw = strip_wrapper_prefixes(raw)
     sd = _select_vae(raw)
     layout = "diffusers" if is_diffusers_layout(sd) else "LDM"
     if layout == "diffusers":
@@ -438,15 +443,15 @@ class Space:
     computed on the fly under no_grad (bf16 on CUDA); decoding needs the VAE in both latent cases.
     The VAE never runs in fp16: SD VAEs overflow there (diffusers' force_upcast), so --amp fp16 runs it in fp32.
     """
-    def __init__(self, ds, vae_path, device, amp="none"):
+    def __init__(self, ds, vae_path, device, amp="none", vae_model=None):
         self.vae, self.kind, self.device = None, "pixel", device
         self.amp = "none" if amp == "fp16" else amp  # the VAE's precision: fp32 or bf16, never fp16
         self.scaling_factor = ds.scaling_factor
         if ds.latents is not None:
             self.kind = "latents"
         self.vae_path = vae_path
-        if vae_path not in (None, "", "none"):
-            self.vae = load(vae_path, device=device).eval().requires_grad_(False)
+        if vae_model is not None or vae_path not in (None, "", "none"):  # vae_model: one loaded already (sd.py's)
+            self.vae = (vae_model or load(vae_path, device=device)).eval().requires_grad_(False)
             if ds.latents is None:
                 self.kind, self.scaling_factor = "vae", self.vae.scaling_factor
         C, H, W = ds.sample_shape

@@ -65,3 +65,10 @@ def test_table_has_a_header_with_date_and_device_and_one_line_per_row(report):
     assert lines[0].startswith(f"date {rep['date']} | device {rep['device']}")
     assert sum(line.startswith("| ") and not line.startswith("| section") for line in lines) == len(rep["rows"])
     assert "ratio" in lines[1] and "NFE/image" in lines[1]
+
+
+def test_sd_unet_rows_compare_the_same_function(report):
+    """The SD UNet rows time sd.py and diffusers' UNet2DConditionModel at the same weights, which agree."""
+    rows = {(r["section"], r["mode"]): r for r in report[1]["rows"]}
+    ours = rows["sd_unet", "sd.py"]
+    assert ours["baseline"] == "diffusers UNet2DConditionModel" and ours["max_abs_diff"] <= 1e-4
