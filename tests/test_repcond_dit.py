@@ -348,3 +348,14 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_incompatible_flags_are_a_clear_error(tmp_path):
     r = cli(["pretrain", "--cond", "none", "--freeze-encoder", "--out-dir", str(tmp_path), *TINY])
     assert r.returncode != 0 and "--freeze-encoder needs --cond rep" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sample_from_an_official_dit_file_guides_three_channels(tmp_path):
+    """An official DiT release file samples with the release's guidance (first 3 latent channels) and its classes."""
+    from test_diffusion_classifier import _latents_file, _official_file
+    ckpt, lat = _official_file(tmp_path, "DiT-B/2"), _latents_file(tmp_path / "lat.safetensors", n=2)
+    m = run(["sample", "--ckpt", str(ckpt), "--data", str(lat), "--out-dir", str(tmp_path / "s"), "--n-images", "2",
+             "--sample-steps", "2", "--cfg-scale", "4", "--device", "cpu"])
+    assert m["cfg_channels"] == 3 and load_file(tmp_path / "s" / "samples.safetensors")["samples"].shape == (2, 4, 32, 32)
+    r = cli(["sample", "--ckpt", str(ckpt), "--out-dir", str(tmp_path / "t"), "--device", "cpu"])
+    assert r.returncode != 0 and "an official DiT file needs --data" in r.stderr and "Traceback" not in r.stderr
