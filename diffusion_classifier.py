@@ -53,7 +53,7 @@ from training import (accuracy_f1, add_common_args, add_train_args, autocast, ch
                       compile_default, find_checkpoint, fit, HelpFormatter, load_json, load_torch, load_weights, Progress, resolve_amp, run,
                       RunLog, save_curve, save_heatmap, save_json, save_safetensors, setup_distributed,
                       transformer_flops_per_image)
-from models import build_model, Diffusion, diffusion_loss, DiT, DiT_models, load_dit, UNet
+from models import build_model, Diffusion, diffusion_loss, DiT, DIT_RECIPE, DiT_models, load_dit, UNet
 from vae import Space
 
 # ----------------------------------------------------------------------------------------------
@@ -1313,7 +1313,8 @@ def pipeline(args):
     size = ["--image-size", str(args.image_size)] if args.image_size else []
     train(p.parse_args(["train", "--out-dir", f"{out}/train", *common, *size, "--data", args.data, "--model", args.model, "--steps", str(args.steps),
                         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--n-val", str(args.n_val), "--log-every", "100",
-                        "--ckpt-every", str(args.steps), "--warmup", "50", *(["--no-augment"] if args.no_augment else []),
+                        "--ckpt-every", str(args.steps), "--warmup", "50", "--ema-warmup", "--grad-clip", "1",  # a short run
+                        *(["--no-augment"] if args.no_augment else []),
                         *(["--overwrite"] if args.overwrite else [])]))
     t_train = time.time() - t_start
     cls = ["--ckpt", f"{out}/train/ckpt", *common, "--n-test", str(args.n_test),
@@ -1435,7 +1436,7 @@ def build_parser():
 
     q = sub.add_parser("train", help="train a class-conditional DiT (classifier-free label dropout)")
     add_common_args(q, "runs/dc/train")
-    add_train_args(q, steps=400_000, batch_size=256, lr=1e-4)
+    add_train_args(q, steps=400_000, batch_size=256, lr=1e-4, **DIT_RECIPE)
     q.add_argument("--model", default="DiT-B/2", choices=sorted(DiT_models))
     q.add_argument("--T", type=int, default=1000)
     q.add_argument("--class-dropout", type=float, default=0.1, help="label dropout (the null label, for guidance)")

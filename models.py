@@ -321,6 +321,12 @@ ViT_models = {f"ViT-{s}/{p}": dict(depth=d, hidden_size=h, num_heads=n, patch_si
               for s, (d, h, n) in _VIT_SIZES.items() for p in (2, 4, 8)}
 
 
+# The official DiT training recipe (DiT's train.py): no gradient clipping, EMA 0.9999 updated from step 0 without a
+# warm-up; the defaults of every DiT-training stage here (`add_train_args(..., **DIT_RECIPE)`). Short CPU runs pass
+# --ema-warmup --grad-clip 1 (an EMA of decay 0.9999 after a few hundred steps is still the initial weights).
+DIT_RECIPE = dict(grad_clip=0.0, ema_warmup=False)
+
+
 def build_model(cfg):
     """Build the model described by a config dict (what config.json of a checkpoint holds)."""
     C, H = cfg["sample_shape"][0], cfg["sample_shape"][1]

@@ -37,7 +37,7 @@ from training import (accuracy_f1, add_common_args, binary_f1, add_train_args, a
                       linear_probe, load_json, load_state_dict_strict, load_weights, Progress, resolve_amp, run, RunLog,
                       save_curve, save_heatmap, save_image_grid, save_json, save_safetensors, setup_distributed, step_generator,
                       transformer_flops_per_image)
-from models import (build_model, Diffusion, diffusion_loss, DiT_models, load_dit, load_run, RepCondDiT, sample_loop, test_split_spec,
+from models import (build_model, Diffusion, DIT_RECIPE, diffusion_loss, DiT_models, load_dit, load_run, RepCondDiT, sample_loop, test_split_spec,
                     ViT_models)
 from vae import Space
 
@@ -442,9 +442,6 @@ def pipeline(args):
           f"linear probe on r {metrics['probe_accuracy']:.3f} | chance {metrics['chance']:.3f} | "
           f"held-out eps-MSE {metrics['pretrain_loss']:.4f} with r vs {metrics['pretrain_loss_uncond']:.4f} without")
     return metrics
-
-
-DIT_RECIPE = dict(grad_clip=0.0, ema_warmup=False)  # the official DiT recipe: no clipping, EMA 0.9999 from step 0
 
 
 def build_parser():

@@ -153,15 +153,6 @@ class Downsample(nn.Module):
         return self.op(x)  # (N, C, H/2, W/2)
 
 
-class Upsample(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (N, C, 2H, 2W)
-
-
 class TimestepSequential(nn.Sequential):
     """LDM's TimestepEmbedSequential: each layer gets what it needs (the time embedding, the text)."""
 
@@ -219,7 +210,7 @@ class UNetModel(nn.Module):
                 if attention[level]:
                     layers.append(attn(ch, level))
                 if level and i == num_res_blocks:
-                    layers.append(Upsample(ch))
+                    layers.append(vae.Upsample(ch))  # nearest x2 then a 3x3 conv, as the VAE's
                 self.output_blocks.append(TimestepSequential(*layers))
         self.out = nn.Sequential(Normalize(ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
 

@@ -234,6 +234,7 @@ def trained(tmp_path_factory):
     """A DiT-XS/4 trained briefly on `shapes` at 16x16 (class-conditional, label dropout), shared by the tests below."""
     out = tmp_path_factory.mktemp("dc") / "train"
     run(["train", "--data", "shapes", "--image-size", "16", "--model", "DiT-XS/4", "--steps", "600", "--batch-size", "32", "--lr", "2e-3",
+         "--ema-warmup", "--grad-clip", "1",
          "--warmup", "20", "--n-val", "60", "--log-every", "100", "--ckpt-every", "600", "--device", "cpu", "--out-dir", str(out)])
     return out / "ckpt"
 
@@ -368,3 +369,8 @@ def test_official_dit_shared_noise_and_a_single_file_test_set(tmp_path):
         run([*base, "--n-val", "0", "--seed", str(seed), "--noise-path", str(tmp_path / "noise_256.pt"), "--out-dir", str(out)])
         errs.append([json.loads(line)["err"] for line in open(out / "results" / "shard-0000-of-0001.jsonl")])
     assert errs[0] == errs[1]  # the noise is the file's, not the seed's
+
+
+def test_dit_training_defaults_are_the_official_recipe():
+    a = dc.build_parser().parse_args(["train"])
+    assert (a.grad_clip, a.ema_warmup, a.ema_decay, a.lr, a.weight_decay, a.batch_size) == (0.0, False, 0.9999, 1e-4, 0.0, 256)
