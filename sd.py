@@ -632,7 +632,7 @@ def load_single_file(path, device=None, dtype=None, tokenizer=None, prediction_t
     cond_stage_model.transformer.* (SD 1.x) or cond_stage_model.model.* (SD 2.x), first_stage_model.* (VAE)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file (expected a Stable Diffusion .safetensors or .ckpt, or a diffusers folder)")
-    raw = strip_wrapper_prefixes(vae._read_state_dict(path))
+    raw = strip_wrapper_prefixes(vae.read_state_dict(path))
     parts = {"unet": {}, "sd1": {}, "sd2": {}, "vae": {}}
     prefixes = (("model.diffusion_model.", "unet"), ("cond_stage_model.transformer.", "sd1"),
                 ("cond_stage_model.model.", "sd2"), ("first_stage_model.", "vae"))
@@ -709,7 +709,7 @@ def load_diffusers_unet(folder, dtype=torch.float32):
                             "other UNets are not supported)")
     ufile = _weights(folder, ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                               "diffusion_pytorch_model.bin"))
-    usd = vae._read_state_dict(ufile)
+    usd = vae.read_state_dict(ufile)
     attention = tuple(t.startswith("CrossAttn") for t in ucfg.get("down_block_types", []))
     nrb = ucfg.get("layers_per_block", 2)
     usd = unet_diffusers_to_ldm(usd, nrb, attention)
@@ -732,7 +732,7 @@ def load_diffusers(path, device=None, dtype=None, tokenizer=None, prediction_typ
     unet, version = load_diffusers_unet(os.path.join(path, "unet"), dtype)
     tcfg = _json(os.path.join(path, "text_encoder", "config.json"))
     tfile = _weights(os.path.join(path, "text_encoder"), ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin"))
-    tsd = {k: v for k, v in vae._read_state_dict(tfile).items() if not k.endswith("position_ids")}
+    tsd = {k: v for k, v in vae.read_state_dict(tfile).items() if not k.endswith("position_ids")}
     if not any(k.startswith("text_model.") for k in tsd):  # transformers 5 saves CLIPTextModel without the prefix
         tsd = {"text_model." + k: v for k, v in tsd.items()}
     text_cfg = text_config(tsd, tcfg.get("hidden_act", "quick_gelu"))

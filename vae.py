@@ -16,7 +16,6 @@ full Stable Diffusion checkpoints (`first_stage_model.` prefix) and infers the c
 import argparse
 import json
 import os
-import pickle
 import re
 import sys
 
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 import data
 from data import UserError
-from training import autocast, draw_global, save_image_grid, save_safetensors, set_tf32, step_generator, strip_wrapper_prefixes
+from training import autocast, draw_global, load_torch, save_image_grid, save_safetensors, set_tf32, step_generator, strip_wrapper_prefixes
 
 LATENTS_FORMAT = "repcond-latents-v1"
 
@@ -226,9 +225,12 @@ def _short(items, n=5):
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def _read_state_dict(path):
+def read_state_dict(path):
+    """A weights file -> {name: tensor} on the CPU: .safetensors, or a weights-only pickle (.ckpt .pt .pth .bin; a
+    Lightning / LDM training file's "state_dict"). Raises UserError in one line: missing, unreadable, unknown suffix,
+    or a pickle that would run code (training.load_torch refuses it without running it)."""
     if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file (expected a VAE .safetensors, .ckpt, .pt or .bin file)")
+        raise UserError(f"{path}: no such file (expected a .safetensors, .ckpt, .pt or .bin weights file)")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".safetensors":
         from safetensors.torch import load_file
@@ -237,13 +239,7 @@ def _read_state_dict(path):
         except Exception as e:  # truncated or corrupt: safetensors raises its own error type
             raise UserError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
     if ext in (".ckpt", ".pt", ".pth", ".bin"):
-        try:  # weights_only: an untrusted pickle can hold only tensors and plain containers, never code
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise UserError(f"{path}: refused to load, the pickle holds objects other than tensors "
-                            f"(weights_only=True: {_one_line(e)})") from None
-        except Exception as e:
-            raise UserError(f"{path}: not a readable torch checkpoint ({_one_line(e)})") from None
+        obj = load_torch(path, "weights file")
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning / LDM training file
             obj = obj["state_dict"]
         if not isinstance(obj, dict):
@@ -349,7 +345,7 @@ def load(path, device=None, dtype=None, scaling_factor=None):
     dtype defaults to float32 (the SD VAE can overflow in float16); scaling_factor defaults to what the file says
     (scaling_factor_of); the model's `scaling_factor_source` records where the factor came from."""
     path = _resolve(str(path))
-    return from_state_dict(_read_state_dict(path), path, device, dtype, scaling_factor)
+    return from_state_dict(read_state_dict(path), path, device, dtype, scaling_factor)
 
 
 def from_state_dict(raw, path, device=None, dtype=None, scaling_factor=None):

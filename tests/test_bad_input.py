@@ -237,7 +237,7 @@ CASES = {
                                              ["{evil}: refusing to unpickle posix.system"]),
     ("repfusion", "pickle_resume"): (["distill", "--teacher", "{dp}", "--data", "{img16}", "--resume", "--out-dir", "{rf_evil}", *RF],
                                      ["{rf_evil}/ckpt/state.pt: refusing to unpickle posix.system"]),
-    ("vae", "pickle"): ([*ENCODE, "--data", "{img16}", "--vae-path", "{evil}"], ["{evil}: refused to load"]),
+    ("vae", "pickle"): ([*ENCODE, "--data", "{img16}", "--vae-path", "{evil}"], ["{evil}: refusing to unpickle posix.system"]),
 }
 
 

@@ -272,7 +272,7 @@ def test_error_malicious_pickle_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(1), "x": Evil(marker)}}, path)
-    user_error(path, "refused")
+    user_error(path, "refusing to unpickle")
     assert not marker.exists()
 
 
