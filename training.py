@@ -570,7 +570,7 @@ def run(main, parser, argv=None):
         sys.exit(1)
 
 
-READS = ("ckpt", "ckpts", "teacher", "encoder_ckpt", "grid")  # flags naming a run's outputs that a stage reads
+READS = ("ckpt", "ckpts", "teacher", "encoder_ckpt", "grid", "unet_path", "sd_path")  # flags naming what a stage reads
 
 
 def check_out_dir(args, resumable=False):
