@@ -902,9 +902,9 @@ def decode_heatmaps(hm):
     x, y = (idx % W).float(), (idx // W).float()
     at = lambda dy, dx: flat.gather(2, ((y.long() + dy).clamp(0, H - 1) * W + (x.long() + dx).clamp(0, W - 1))[..., None])[..., 0]
     inner = (x > 1) & (x < W - 1) & (y > 1) & (y < H - 1)
-    x = x + torch.where(inner, 0.25 * torch.sign(at(0, 1) - at(0, -1)), 0.0)
-    y = y + torch.where(inner, 0.25 * torch.sign(at(1, 0) - at(-1, 0)), 0.0)
-    return torch.stack([x, y], -1) * (maxval > 0)[..., None]
+    dx, dy = torch.sign(at(0, 1) - at(0, -1)), torch.sign(at(1, 0) - at(-1, 0))  # both read at the argmax
+    xy = torch.stack([x + torch.where(inner, 0.25 * dx, 0.0), y + torch.where(inner, 0.25 * dy, 0.0)], -1)
+    return xy * (maxval > 0)[..., None]
 
 
 @torch.no_grad()
