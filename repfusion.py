@@ -1184,6 +1184,8 @@ def pipeline(args):
                                 *(lab if args.reward_labels == "budget" else [])]))
     if args.task != "classification":
         return dense_pipeline(args, p, r_d, teacher, common, train, t0, t_teacher)
+    if args.finetune_lr is not None:
+        train = [*train, "--lr", str(args.finetune_lr)]
     r_f = finetune(p.parse_args(["finetune", "--ckpt", f"{out}/distill/ckpt", "--out-dir", f"{out}/finetune", *common, *lab, *train,
                                  "--steps", str(args.finetune_steps)]))
     r_s = scratch(p.parse_args(["scratch", "--out-dir", f"{out}/scratch", *common, *lab, *train, "--steps", str(args.finetune_steps),
@@ -1213,6 +1215,8 @@ def dense_pipeline(args, p, r_d, teacher, common, train, t0, t_teacher):
         raise UserError(f"--task {task}: the bare run's dense data is the dense variant of shapes; run finetune/scratch "
                         f"--task {task} --data ... for other data")
     common = [*common[2:], "--data", DENSE_SHAPES_DATA[task]]
+    lr = args.finetune_lr if args.finetune_lr is not None else 1e-2
+    train = [*train, "--lr", str(lr)]  # (the later --lr wins over the distillation's)
     dense = ["--task", task, "--labeled-fraction", str(args.labeled_fraction), "--head-ch", str(args.head_ch),
              "--steps", str(args.finetune_steps)]
     r_f = finetune(p.parse_args(["finetune", "--ckpt", f"{out}/distill/ckpt", "--out-dir", f"{out}/finetune", *common, *train, *dense]))
@@ -1251,6 +1255,9 @@ def build_parser():
     p.add_argument("--finetune-steps", type=int, default=200, help="pipeline: fine-tune and scratch steps")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="pipeline: lr of finetune and scratch (default: --lr for classification, 1e-2 for seg and landmarks, "
+                        "where 2e-3 leaves the 200-step parsers predicting background)")
     p.add_argument("--ema-decay", type=float, default=0.99)
     p.add_argument("--student", default="resnet18", choices=sorted(Student_models))
     p.add_argument("--width", type=int, default=16, help="pipeline: student base width (64 = the standard ResNet)")

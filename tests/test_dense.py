@@ -282,11 +282,11 @@ def _losses(out):
 
 
 def test_seg_scratch_learns_beyond_the_majority_class(tmp_path):
-    m = _dense_run("scratch", tmp_path, "--task", "seg", "--data", "shapes-seg", "--width", "8", "--steps", "60",
-                   "--labeled-fraction", "0.1")
+    m = _dense_run("scratch", tmp_path, "--task", "seg", "--data", "shapes-seg", "--width", "8", "--steps", "100",
+                   "--lr", "1e-2", "--labeled-fraction", "0.1")
     losses = _losses(tmp_path)
     assert losses[-1] < 0.7 * losses[0]
-    assert m["miou"] > m["trivial"]["miou"] + 0.03, m
+    assert m["miou"] > m["trivial"]["miou"] + 0.05, m  # 0.07: background everywhere
     assert os.path.exists(tmp_path / "masks.png") and len(m["iou"]) == 11
 
 
