@@ -7,13 +7,18 @@ supervises a student (CIFAR ResNet) through a projector, L_feat = || P(f_S(x)) -
 chosen per image by a policy network pi(t | x) (a LeNet-like CNN, a categorical over t bins), trained with
 REINFORCE: the reward is minus the cross-entropy of a small MLP task head that reads f_T(x, t) (the head is
 trained with CE alongside), with a moving-average baseline and an entropy bonus decayed linearly to 0.
-The distilled student is then fine-tuned on labels and compared with the same student trained from scratch.
+The distilled student is then fine-tuned on labels and compared with the same student trained from scratch; for the
+paper's dense transfers it becomes the context path of a BiSeNetV1 face parser (`--task seg`, mIoU on CelebAMask-HQ)
+or the backbone of a top-down heatmap landmark model (`--task landmarks`, NME on WFLW).
 
     python repfusion.py --out-dir runs/demo                # teacher -> distill -> finetune + scratch on `shapes`, CPU
     python repfusion.py distill --teacher runs/ddae/pretrain --data cifar10 --out-dir runs/rf/distill
     python repfusion.py finetune --ckpt runs/rf/distill/ckpt --labels-per-class 400 --out-dir runs/rf/finetune
     python repfusion.py scratch --student resnet18 --data cifar10 --labels-per-class 400 --out-dir runs/rf/scratch
     torchrun --nproc_per_node=8 repfusion.py distill --teacher ... --t-policy rl --batch-size 128
+    python repfusion.py --task seg --out-dir runs/rf-seg      # the same pipeline, then BiSeNetV1 on shapes-seg (mIoU)
+    python repfusion.py --task landmarks --out-dir runs/rf-lm  # ... a heatmap landmark head on shapes-landmarks (NME)
+    python repfusion.py finetune --task seg --ckpt runs/rf/distill --data CelebAMask-HQ --out-dir runs/rf/seg
 
 Teachers: a `ddae_probe.py pretrain` checkpoint (DDPM/EDM UNet; any block by name, default `mid`), a
 `repcond_dit.py` checkpoint or an official DiT .pt file (DiT; `blocks.i`, default the middle block, tokens mean-pooled).
