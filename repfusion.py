@@ -1062,6 +1062,9 @@ def train_dense(args, init=None):
     """finetune --task seg|landmarks (init = a distill checkpoint: its student becomes the backbone) or scratch (init
     None: the same model from random initialisation, as the official baselines): train on the (labeled fraction of
     the) training split, then evaluate on the test split (mIoU, or NME / FR / AUC) and draw overlays."""
+    if args.labels_per_class is not None:
+        raise UserError(f"--labels-per-class {args.labels_per_class}: --task {args.task} has no classes per image; "
+                        f"give the label budget as --labeled-fraction")
     dist = setup_distributed(args.device)
     compile_default(args, dist)
     torch.manual_seed(args.seed)
@@ -1073,7 +1076,7 @@ def train_dense(args, init=None):
         if dcfg.get("stage") != "repfusion-distill":
             raise UserError(f"--ckpt {init}: not a `repfusion.py distill` checkpoint (stage {dcfg.get('stage')!r})")
         sd = {k[len("student."):]: v for k, v in load_weights(d, RepFusion(dcfg)).state_dict().items() if k.startswith("student.")}
-    spec = args.data
+    spec = DENSE_SHAPES_DATA[args.task] if args.data == "shapes" else args.data  # shapes' dense variant, same images
     if spec is None:
         if dcfg is None or dcfg.get("data") != "shapes":
             raise UserError(f"--task {args.task}: give --data (a CelebAMask-HQ / WFLW folder, or {DENSE_SHAPES_DATA[args.task]})")

@@ -319,5 +319,7 @@ def test_finetune_puts_the_distilled_student_in_the_dense_models(tmp_path):
         model = load_weights(str(out / "ckpt"), model)
         torch.testing.assert_close(model.backbone.conv1.weight, student.conv1.weight)  # lr 0: the distilled weights
         torch.testing.assert_close(model.backbone.layer4[1].conv2.weight, student.layer4[1].conv2.weight)
+    with pytest.raises(UserError, match="give the label budget as --labeled-fraction"):
+        _dense_run("scratch", tmp_path / "y", "--task", "seg", "--labels-per-class", "3", "--width", "4", "--steps", "1")
     with pytest.raises(UserError, match="a landmarks data set, but --task is seg"):
         _dense_run("scratch", tmp_path / "x", "--task", "seg", "--data", "shapes-landmarks", "--width", "4", "--steps", "1")
