@@ -3,7 +3,8 @@ Data sets as uint8 tensors, training batches on the device, and sharding by rank
 
 Every script gets its data from here: `load` returns images (uint8, N x C x H x W), labels and class
 names for the built-in `shapes` set, CIFAR-10/100 (python or binary version, tarball or folder),
-Tiny-ImageNet, any image folder, or a latents file written by `vae.py encode`. `Loader` keeps the
+Tiny-ImageNet, any image folder, or a latents file written by `vae.py encode`; dense sets carry per-pixel
+`masks` (CelebAMask-HQ face parsing, `shapes-seg`) or `keypoints` (WFLW landmarks, `shapes-landmarks`). `Loader` keeps the
 data on the device and makes deterministic, augmented, rank-sharded batches; `iterate` is the
 evaluation pass; `stream` decodes folders too large for memory with DataLoader workers.
 
@@ -11,12 +12,15 @@ evaluation pass; `stream` decodes folders too large for memory with DataLoader w
     ds = data.load("shapes")                          # built in: 10 classes, 5000 train / 1000 test
     ds = data.load("cifar10", split="test")           # finds the official files in $DATA_DIR
     ds = data.load("photos/", image_size=64)          # class sub-folders, ADM center crop to 64
+    ds = data.load("CelebAMask-HQ/", split="val")     # images + masks (N, 512, 512), the official partition
+    ds = data.load("WFLW/", split="test")             # 256 x 256 face crops + keypoints (N, 98, 2)
     loader = data.Loader(ds, batch_size=256, device="cuda", seed=0)
     x, y = loader.batch(step)                         # float32 in [-1, 1], a pure function of (seed, step)
 
     python data.py --data cifar10 --split test --grid preview.png
 """
 import argparse
+import dataclasses
 import functools
 import io
 import itertools
@@ -48,6 +52,13 @@ class Dataset:
     classes: list[str]               # class names ([] when unlabeled)
     latents: dict | None = None      # latents file only: mean, std, mean_flip, std_flip, float32 (N, c, h, w)
     scaling_factor: float | None = None
+    # dense targets (segmentation and landmark sets; see "dense data sets" below)
+    masks: torch.Tensor | None = None        # uint8 (N, H, W): class of each pixel, IGNORE_INDEX (255) = not scored
+    keypoints: torch.Tensor | None = None    # float32 (N, K, 2): (x, y) in pixels, pixel centres at integers
+    flip_pairs: tuple = ()                   # keypoint index pairs that a horizontal flip swaps (left <-> right)
+    norm_pair: tuple | None = None           # the two keypoints whose distance normalises the NME (WFLW: 60, 72)
+    attributes: torch.Tensor | None = None   # uint8 (N, A) per-sample flags (WFLW: pose, expression, ...)
+    attribute_names: tuple = ()
 
     def __len__(self):
         return len(self.images) if self.images is not None else len(self.latents["mean"])
@@ -61,10 +72,15 @@ class Dataset:
         return len(self.classes)
 
     def _map(self, fn):
-        return Dataset(fn(self.images) if self.images is not None else None,
-                       fn(self.labels) if self.labels is not None else None, list(self.classes),
-                       {k: fn(v) for k, v in self.latents.items()} if self.latents is not None else None,
-                       self.scaling_factor)
+        opt = lambda t: fn(t) if t is not None else None
+        return dataclasses.replace(self, images=opt(self.images), labels=opt(self.labels), classes=list(self.classes),
+                                   latents={k: fn(v) for k, v in self.latents.items()} if self.latents is not None else None,
+                                   masks=opt(self.masks), keypoints=opt(self.keypoints), attributes=opt(self.attributes))
+
+    @property
+    def task(self):
+        """'seg' (masks), 'landmarks' (keypoints) or 'classes' (labels or none)."""
+        return "seg" if self.masks is not None else "landmarks" if self.keypoints is not None else "classes"
 
     def subset(self, idx):
         idx = torch.as_tensor(idx)
@@ -504,8 +520,10 @@ def _shape_mask(name, px, py, radius, period):
 
 
 @functools.lru_cache(maxsize=8)
-def _shapes(split, size):
-    """-> uint8 (N, size, size, 3), int64 labels; a pure function of (split, size)."""
+def _shapes(split, size, dense=False):
+    """-> uint8 (N, size, size, 3), int64 labels, and with dense=True also the coverage alpha (float32 (N, size, size),
+    the fraction of each pixel's supersamples inside the shape) and the keypoints (float32 (N, 5, 2): SHAPES_KEYPOINTS,
+    NaN for the textures); a pure function of (split, size); the images are the same with or without dense."""
     n, seed = SHAPES_SPLITS[split]
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % len(SHAPES_CLASSES)  # interleaved, so any prefix is class-balanced
@@ -518,6 +536,8 @@ def _shapes(split, size):
     ss = 2 if size <= 64 else 1  # supersampling, for anti-aliased edges
     grid = ((np.arange(size * ss) + 0.5) / ss).astype(np.float32)
     out = np.empty((n, size, size, 3), np.uint8)
+    alphas = np.empty((n, size, size), np.float32) if dense else None
+    keypoints = np.full((n, len(SHAPES_KEYPOINTS), 2), np.nan, np.float32) if dense else None
     chunk = max(1, 2 ** 22 // (size * ss) ** 2)  # bounds the memory of large image_size
     for start in range(0, n, chunk):
         i = np.arange(start, min(n, start + chunk))
@@ -529,17 +549,295 @@ def _shapes(split, size):
             cos, sin = f(np.cos(angle)), f(np.sin(angle))
             mask = _shape_mask(name, cos * dx + sin * dy, cos * dy - sin * dx, f(radius), f(period))
             alpha[j - start] = mask.reshape(len(j), size, ss, size, ss).mean((2, 4))
+            if dense and k < SHAPES_N_FIGURES:
+                keypoints[j] = _extreme_points(mask, grid, center[j])
         a = alpha[..., None]
         background = mean[i] - contrast[i] * alpha.mean((1, 2))[:, None]
         img = background[:, None, None] + contrast[i, None, None] * a
         img += 0.03 * rng.standard_normal(img.shape, dtype=np.float32)
         out[i] = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return out, labels
+        if dense:
+            alphas[i] = alpha
+    return (out, labels, alphas, keypoints) if dense else (out, labels)
+
+
+def _extreme_points(mask, grid, center):
+    """Keypoints of drawn figures: the centre, and the leftmost, rightmost, topmost and bottommost points of the drawn
+    (supersampled, image-clipped) mask, each the middle of the mask's extreme column/row there. mask: bool (n, S, S)
+    over supersample positions `grid` (continuous, pixel i spans [i, i + 1)); -> float32 (n, 5, 2) (x, y) with pixel
+    centres at integers (continuous position p is coordinate p - 0.5)."""
+    n, S = len(mask), mask.shape[-1]
+    rows, cols = mask.any(2), mask.any(1)  # (n, S): which rows / columns hold the figure
+    first = lambda a: a.argmax(1)
+    last = lambda a: S - 1 - a[:, ::-1].argmax(1)
+    at = np.arange(n)
+    mid = lambda line: (line * grid).sum(1) / line.sum(1)  # the middle of the figure along one row or column
+    left, right, top, bottom = first(cols), last(cols), first(rows), last(rows)
+    pts = [np.stack([center[:, 0], center[:, 1]], 1),
+           np.stack([grid[left], mid(mask[at, :, left])], 1), np.stack([grid[right], mid(mask[at, :, right])], 1),
+           np.stack([mid(mask[at, top, :]), grid[top]], 1), np.stack([mid(mask[at, bottom, :]), grid[bottom]], 1)]
+    return np.stack(pts, 1).astype(np.float32) - 0.5
 
 
 def _load_shapes(split, image_size=None):
     x, y = _shapes(split, image_size or 32)
     return Dataset(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y), list(SHAPES_CLASSES))
+
+
+# The dense variants of `shapes` (the same images; no download for the dense bare runs and tests):
+#   shapes-seg        every image, 11 classes per pixel: background, and the image's class (circle ... dots) where
+#                     the figure or texture covers the pixel (alpha >= 0.75); pixels covered half (0.25 < alpha < 0.75,
+#                     anti-aliased edges) are IGNORE_INDEX.
+#   shapes-landmarks  the 7 figures (no textures: a texture has no centre or extremes), 5 keypoints (SHAPES_KEYPOINTS):
+#                     the figure's centre and its leftmost, rightmost, topmost and bottommost drawn points. A horizontal
+#                     flip swaps left and right; the NME is normalised by the left-right distance.
+SHAPES_N_FIGURES = 7  # SHAPES_CLASSES[:7] are figures, the rest textures
+SHAPES_KEYPOINTS = ("centre", "left", "right", "top", "bottom")
+
+
+def _load_shapes_dense(task, split, image_size=None):
+    x, y, alpha, kp = _shapes(split, image_size or 32, dense=True)
+    images = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    if task == "seg":
+        masks = np.where(alpha >= 0.75, y[:, None, None] + 1, np.where(alpha <= 0.25, 0, IGNORE_INDEX)).astype(np.uint8)
+        return Dataset(images, None, ["background", *SHAPES_CLASSES], masks=torch.from_numpy(masks))
+    keep = torch.from_numpy(np.nonzero(y < SHAPES_N_FIGURES)[0])
+    return Dataset(images[keep], None, [], keypoints=torch.from_numpy(kp)[keep], flip_pairs=((1, 2),), norm_pair=(1, 2))
+
+# -----------------------------------------------------------------------------
+# dense data sets: CelebAMask-HQ (face parsing) and WFLW (98 facial landmarks), in their published layouts
+
+IGNORE_INDEX = 255  # a mask pixel that is not scored (mmseg's ignore_index and padding value)
+
+# RepFusion's face parser (segmentation/mmseg/datasets/celebahqmask.py, tools/dataset/process_celebahqmask.py): label
+# i + 1 is CELEBAMASK_PARTS[i], 0 is background; the parts are painted in this order, a later part overwriting earlier ones.
+CELEBAMASK_PARTS = ("skin", "l_brow", "r_brow", "l_eye", "r_eye", "eye_g", "l_ear", "r_ear", "ear_r",
+                    "nose", "mouth", "u_lip", "l_lip", "neck", "neck_l", "cloth", "hair", "hat")
+# The CelebAMask-HQ repository's own g_mask.py paints (and numbers) the parts in another order; its label maps
+# (folder CelebAMask-HQ-mask) are renumbered into CELEBAMASK_PARTS on reading.
+CELEBAMASK_GMASK_PARTS = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
+                          "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth")
+CELEBAMASK_MAPPING = "CelebA-HQ-to-CelebA-mapping.txt"
+CELEBA_VAL_START, CELEBA_TEST_START = 162771, 182638  # g_partition.py: orig_idx >= these is val / test
+CELEBAMASK_MERGED = {"mask": CELEBAMASK_PARTS, "CelebAMask-HQ-mask": CELEBAMASK_GMASK_PARTS,
+                     "CelebAMaskHQ-mask": CELEBAMASK_GMASK_PARTS}  # folder of merged label maps: its part order
+
+
+def celebamask_split(root, split):
+    """The CelebAMask-HQ ids (ints, the names of CelebA-HQ-img/<id>.jpg) of a split, by the official partition
+    (CelebAMask-HQ's face_parsing/Data_preprocessing/g_partition.py): CelebA-HQ-to-CelebA-mapping.txt maps each id to
+    its CelebA orig_idx, and CelebA's standard partition puts orig_idx <= 162770 in train, 162771..182637 in val and
+    the rest in test (24,183 / 2,993 / 2,824 images). split: train | val | test."""
+    path = os.path.join(root, CELEBAMASK_MAPPING)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing (the CelebAMask-HQ split is defined by this file of the release)")
+    ids = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            tok = line.split()
+            if not tok or (n == 1 and not tok[0].isdigit()):  # the header "idx orig_idx orig_file"
+                continue
+            try:
+                idx, orig = int(tok[0]), int(tok[1])
+            except (ValueError, IndexError):
+                raise UserError(f"{path}:{n}: expected 'idx orig_idx orig_file', got {line.strip()!r}") from None
+            part = "test" if orig >= CELEBA_TEST_START else "val" if orig >= CELEBA_VAL_START else "train"
+            if part == split:
+                ids.append(idx)
+    if not ids:
+        raise UserError(f"{path}: no image of the {split} split")
+    return ids
+
+
+def _binary_mask(path):
+    """A CelebAMask-HQ part annotation (512 x 512 PNG, the part white on black) -> bool (H, W): the non-zero pixels, as
+    g_mask.py tests them (RepFusion's `convert('P') == 225` picks the same white pixels of these files)."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("L")) != 0
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path}: cannot read mask ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def celebamask_label_map(root, idx):
+    """One CelebAMask-HQ label map, uint8 (512, 512): 0 background, i + 1 = CELEBAMASK_PARTS[i]. Read from a folder of
+    merged label maps (<id>.png; `mask/` as RepFusion's process_celebahqmask.py writes it, or CelebAMask-HQ-mask/ from
+    g_mask.py, renumbered) if the release holds one, else merged from the per-part masks
+    CelebAMask-HQ-mask-anno/<id // 2000>/<id:05d>_<part>.png, later parts of CELEBAMASK_PARTS overwriting earlier ones
+    (a part without a file is absent from the image)."""
+    for folder, order in CELEBAMASK_MERGED.items():
+        if os.path.isdir(os.path.join(root, folder)):
+            path = os.path.join(root, folder, f"{idx}.png")
+            try:
+                with Image.open(path) as img:
+                    m = np.asarray(img)
+            except (OSError, SyntaxError, ValueError) as e:
+                raise UserError(f"{path}: cannot read label map ({type(e).__name__}: {_one_line(e)})") from None
+            m = m[..., 0] if m.ndim == 3 else m
+            if m.max() > len(order):
+                raise UserError(f"{path}: label {int(m.max())} is not one of the {len(order)} parts or background (0)")
+            table = np.array([0] + [CELEBAMASK_PARTS.index(p) + 1 for p in order], np.uint8)
+            return table[m]
+    anno = os.path.join(root, "CelebAMask-HQ-mask-anno")
+    if not os.path.isdir(anno):
+        raise UserError(f"{root}: neither CelebAMask-HQ-mask-anno/ (the per-part masks) nor a folder of merged label maps "
+                        f"({', '.join(CELEBAMASK_MERGED)}/)")
+    label = None
+    for i, part in enumerate(CELEBAMASK_PARTS, 1):
+        path = os.path.join(anno, str(idx // 2000), f"{idx:05d}_{part}.png")
+        if os.path.exists(path):
+            m = _binary_mask(path)
+            label = np.zeros(m.shape, np.uint8) if label is None else label
+            if m.shape != label.shape:
+                raise UserError(f"{path}: mask is {m.shape[1]}x{m.shape[0]}, the image's other parts {label.shape[1]}x{label.shape[0]}")
+            label[m] = i
+    return label if label is not None else np.zeros((512, 512), np.uint8)
+
+
+def _load_celebamask(root, split, image_size=None):
+    """CelebAMask-HQ -> Dataset(images uint8 (N, 3, S, S), masks uint8 (N, S, S), classes background + 18 parts).
+    S = image_size, default 512 (the masks' size): the 1024-pixel images are resized to it (bilinear), the masks by
+    nearest neighbour (as mmseg's Resize does the pair)."""
+    size = image_size or 512
+    ids = celebamask_split(root, "val" if split == "val" else split)
+
+    def one(idx):
+        path = os.path.join(root, "CelebA-HQ-img", f"{idx}.jpg")
+        if not os.path.exists(path):
+            raise UserError(f"{path}: missing (listed in {CELEBAMASK_MAPPING})")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                img = to_rgb(img)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise UserError(f"{path}: cannot read image ({type(e).__name__}: {_one_line(e)})") from None
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        m = celebamask_label_map(root, idx)
+        if m.shape != (size, size):
+            m = np.asarray(Image.fromarray(m).resize((size, size), Image.NEAREST))
+        return np.asarray(img), m
+    images = np.empty((len(ids), size, size, 3), np.uint8)
+    masks = np.empty((len(ids), size, size), np.uint8)
+    for k, (x, m) in enumerate(_pmap(one, ids)):
+        images[k], masks[k] = x, m
+    return Dataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), None, ["background", *CELEBAMASK_PARTS],
+                   masks=torch.from_numpy(masks))
+
+
+# WFLW (Wu et al., CVPR 2018): list_98pt_rect_attr_{train,test}.txt, one face a line: 98 (x, y) landmarks, the face
+# rectangle x_min y_min x_max y_max, six 0/1 attributes, and the image path under WFLW_images/. Flip pairs and the
+# inter-ocular normaliser (outer eye corners 60 and 72) as mmpose's configs/_base_/datasets/wflw.py.
+WFLW_FLIP_PAIRS = ((0, 32), (1, 31), (2, 30), (3, 29), (4, 28), (5, 27), (6, 26), (7, 25), (8, 24), (9, 23), (10, 22),
+                   (11, 21), (12, 20), (13, 19), (14, 18), (15, 17), (33, 46), (34, 45), (35, 44), (36, 43), (37, 42),
+                   (38, 50), (39, 49), (40, 48), (41, 47), (55, 59), (56, 58), (60, 72), (61, 71), (62, 70), (63, 69),
+                   (64, 68), (65, 75), (66, 74), (67, 73), (76, 82), (77, 81), (78, 80), (83, 87), (84, 86), (88, 92),
+                   (89, 91), (93, 95), (96, 97))
+WFLW_ATTRIBUTES = ("pose", "expression", "illumination", "makeup", "occlusion", "blur")
+WFLW_PADDING = 1.25  # mmpose's TopDownGetBboxCenterScale(padding=1.25)
+
+
+def parse_wflw_line(line, where):
+    """One annotation line -> (keypoints float32 (98, 2), box float32 (4,) x_min y_min x_max y_max, attributes
+    uint8 (6,), image path relative to WFLW_images/)."""
+    tok = line.split()
+    if len(tok) != 98 * 2 + 4 + 6 + 1:
+        raise UserError(f"{where}: expected 207 fields (196 coordinates, 4 box, 6 attributes, image path), got {len(tok)}")
+    try:
+        v = np.array(tok[:206], np.float64)
+    except ValueError:
+        raise UserError(f"{where}: the first 206 fields must be numbers") from None
+    return v[:196].reshape(98, 2).astype(np.float32), v[196:200].astype(np.float32), v[200:206].astype(np.uint8), tok[206]
+
+
+def face_crop(img, box, size, padding=WFLW_PADDING):
+    """The top-down crop of a face: a square of side padding * max(w, h) centred on the box, resized to size x size
+    (bilinear). As mmpose's affine warp, the box centre lands on size / 2 and pixel centres sit at integer
+    coordinates; -> (uint8 (size, size, 3), (cx, cy, k)) where an image point (x, y) lands at
+    ((x - cx) / k + size / 2, (y - cy) / k + size / 2)."""
+    x0, y0, x1, y1 = (float(b) for b in box)
+    cx, cy = x0 + (x1 - x0) / 2, y0 + (y1 - y0) / 2
+    k = padding * max(x1 - x0, y1 - y0, 1.0) / size
+    # PIL samples output pixel centres at (j + 0.5) and reads the source at half-integer pixel centres too
+    c0 = lambda c: c + 0.5 - (0.5 + size / 2) * k
+    crop = img.transform((size, size), Image.AFFINE, (k, 0, c0(cx), 0, k, c0(cy)), resample=Image.BILINEAR)
+    return np.asarray(crop), (cx, cy, k)
+
+
+def _find_file(root, name):
+    for base, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+        if name in files:
+            return os.path.join(base, name)
+    return None
+
+
+def _load_wflw(root, split, image_size=None):
+    """WFLW -> Dataset(face crops uint8 (N, 3, S, S), keypoints (N, 98, 2) in crop pixels, attributes (N, 6)), S =
+    image_size, default 256 (the official 256 x 256 input); one sample per annotation line, in file order."""
+    size = image_size or 256
+    name = f"list_98pt_rect_attr_{'train' if split == 'train' else 'test'}.txt"
+    ann = _find_file(root, name)
+    if ann is None:
+        raise UserError(f"{root}: no {name} (WFLW_annotations/list_98pt_rect_attr_train_test/ of the release)")
+    images_dir = os.path.join(root, "WFLW_images") if os.path.isdir(os.path.join(root, "WFLW_images")) else root
+    with open(ann) as f:
+        rows = [parse_wflw_line(line, f"{ann}:{n}") for n, line in enumerate(f, 1) if line.strip()]
+    if not rows:
+        raise UserError(f"{ann}: no annotation lines")
+    by_image = {}
+    for i, r in enumerate(rows):
+        by_image.setdefault(r[3], []).append(i)
+    crops = np.empty((len(rows), size, size, 3), np.uint8)
+    kps = np.empty((len(rows), 98, 2), np.float32)
+
+    def one(item):
+        rel, faces = item
+        path = os.path.join(images_dir, rel)
+        if not os.path.exists(path):
+            raise UserError(f"{path}: missing (named in {ann})")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                img = to_rgb(img)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise UserError(f"{path}: cannot read image ({type(e).__name__}: {_one_line(e)})") from None
+        return [(i, *face_crop(img, rows[i][1], size)) for i in faces]
+    for done in _pmap(one, list(by_image.items())):
+        for i, crop, (cx, cy, k) in done:
+            crops[i] = crop
+            kps[i] = (rows[i][0] - np.array([cx, cy], np.float32)) / k + size / 2
+    return Dataset(torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous(), None, [], keypoints=torch.from_numpy(kps),
+                   flip_pairs=WFLW_FLIP_PAIRS, norm_pair=(60, 72),
+                   attributes=torch.from_numpy(np.stack([r[2] for r in rows])), attribute_names=WFLW_ATTRIBUTES)
+
+
+def _dense_kind(path):
+    if os.path.isdir(os.path.join(path, "CelebA-HQ-img")):
+        return "celebamask"
+    if os.path.isdir(path) and (os.path.isdir(os.path.join(path, "WFLW_annotations"))
+                                or os.path.isdir(os.path.join(path, "list_98pt_rect_attr_train_test"))):
+        return "wflw"
+    return None
+
+
+def flip_keypoints(kp, width, pairs):
+    """Keypoints of an image flipped horizontally: x -> width - 1 - x (pixel centres at integers, as mmpose's
+    fliplr_joints) and each (i, j) of pairs swapped, so 'left eye' stays the left eye. kp: (..., K, 2)."""
+    perm = list(range(kp.shape[-2]))
+    for i, j in pairs:
+        perm[i], perm[j] = j, i
+    out = kp[..., perm, :].clone()
+    out[..., 0] = width - 1 - out[..., 0]
+    return out
+
+
+def image_subset(ds, fraction, seed=0):
+    """A random subset of round(fraction * N) samples (at least 1), for label budgets of dense data sets."""
+    if not 0 < fraction <= 1:
+        raise UserError(f"labeled fraction {fraction}: expected a number in (0, 1]")
+    k = max(1, round(fraction * len(ds)))
+    return ds.subset(torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:k].sort().values)
 
 # -----------------------------------------------------------------------------
 # load: names and paths to a Dataset
@@ -548,7 +846,10 @@ DATA_NAMES = {  # name: official file or folder names looked up in $DATA_DIR, in
     "cifar10": ["cifar-10-batches-py", "cifar-10-python.tar.gz", "cifar-10-batches-bin", "cifar-10-binary.tar.gz"],
     "cifar100": ["cifar-100-python", "cifar-100-python.tar.gz", "cifar-100-binary", "cifar-100-binary.tar.gz"],
     "tinyimagenet": ["tiny-imagenet-200"],
+    "celebamask-hq": ["CelebAMask-HQ"],
+    "wflw": ["WFLW"],
 }
+DENSE_SHAPES = {"shapes-seg": "seg", "shapes-landmarks": "landmarks"}
 
 
 def _check_split(split):
@@ -567,7 +868,7 @@ def _resolve(spec):
         raise UserError(f"--data {spec}: none of {', '.join(DATA_NAMES[spec])} in {root}/ (set $DATA_DIR, "
                         f"or pass the path of the downloaded file or folder)")
     if not os.path.exists(spec):
-        raise UserError(f"--data {spec}: no such file or folder (expected shapes, {', '.join(DATA_NAMES)}, "
+        raise UserError(f"--data {spec}: no such file or folder (expected shapes, {', '.join(DENSE_SHAPES)}, {', '.join(DATA_NAMES)}, "
                         f"or a path to a CIFAR tarball/folder, image folder or latents .safetensors)")
     return spec
 
@@ -576,12 +877,20 @@ def load(spec, split="train", image_size=None, flag="--test-data"):
     """A data set by name ("shapes", "cifar10", "cifar100", "tinyimagenet") or path; see the module doc. A latents
     file holds the one split its metadata names; asking it for another is refused, naming `flag` (the stage's flag
     for that split's file)."""
+    raw_split = split
     split = _check_split(split)
     if image_size is not None and image_size < 1:
         raise UserError(f"--image-size {image_size}: expected a positive number of pixels")
     if spec == "shapes":
         return _load_shapes(split, image_size)
+    if spec in DENSE_SHAPES:
+        return _load_shapes_dense(DENSE_SHAPES[spec], split, image_size)
     path = _resolve(spec)
+    kind = _dense_kind(path)
+    if kind == "celebamask":  # three splits: val is its own
+        return _load_celebamask(path, raw_split, image_size)
+    if kind == "wflw":
+        return _load_wflw(path, split, image_size)
     if os.path.isfile(path) and path.endswith(".safetensors"):
         return _load_latents(path, image_size, split, flag)
     if (listing := _list_files(path, split)) is not None:  # Tiny-ImageNet or an image folder
@@ -729,14 +1038,24 @@ class Loader:
             eps = eps[self.rank * self.local:(self.rank + 1) * self.local]
             return (pick("mean") + pick("std") * eps) * ds.scaling_factor, y
         x = ds.images[idx]
+        if ds.masks is not None:
+            y = ds.masks[idx]
+        elif ds.keypoints is not None:
+            y = ds.keypoints[idx]
         if self.augment:
             x = crop_flip(x, shift, flip, self.crop_padding)
+            if ds.masks is not None:  # the same crop and flip (mmseg flips masks without swapping left/right parts)
+                y = crop_flip(y[:, None], shift, flip, self.crop_padding)[:, 0]
+            elif ds.keypoints is not None:  # follow the crop; a flip mirrors x and swaps the left/right pairs
+                y = y - (shift.flip(1) - self.crop_padding)[:, None, :].to(y.dtype)
+                y = torch.where(flip[:, None, None], flip_keypoints(y, x.shape[-1], ds.flip_pairs), y)
         return to_float(x), y
 
 
 def iterate(ds, batch_size, device, rank=0, world_size=1):
     """Evaluation pass in order, no augmentation, every sample once (the last batch may be short);
-    yields (x, y, idx). Latents give the posterior mean * scaling_factor. batch_size is global, and
+    yields (x, y, idx), y the labels, or a dense set's masks / keypoints. Latents give the posterior mean *
+    scaling_factor. batch_size is global, and
     rank r gets the samples with idx % world_size == r."""
     local = max(1, batch_size // world_size)
     order = torch.arange(rank, len(ds), world_size)
@@ -747,7 +1066,8 @@ def iterate(ds, batch_size, device, rank=0, world_size=1):
             x = mean[idx.to(mean.device)].to(device) * ds.scaling_factor
         else:
             x = to_float(ds.images[idx.to(ds.images.device)].to(device))
-        y = ds.labels[idx.to(ds.labels.device)].to(device) if ds.labels is not None else None
+        target = ds.masks if ds.masks is not None else ds.keypoints if ds.keypoints is not None else ds.labels
+        y = target[idx.to(target.device)].to(device) if target is not None else None
         yield x, y, idx.to(device)
 
 
@@ -830,8 +1150,10 @@ def main(args):
     ds = load(args.data, args.split, args.image_size)
     what = "latents" if ds.images is None else "images"
     names = ", ".join(ds.classes[:10]) + (", ..." if ds.num_classes > 10 else "")
+    dense = {"seg": f"masks of {ds.num_classes} classes ({names})",
+             "landmarks": f"{ds.keypoints.shape[1] if ds.keypoints is not None else 0} keypoints"}.get(ds.task)
     print(f"{args.data} [{args.split}]: {len(ds)} {what} of shape {'x'.join(map(str, ds.sample_shape))}, "
-          + (f"{ds.num_classes} classes ({names})" if ds.labels is not None else "unlabeled"))
+          + (dense or (f"{ds.num_classes} classes ({names})" if ds.labels is not None else "unlabeled")))
     if args.grid:
         if ds.images is None:
             raise UserError("--grid needs images; decode latents with vae.py")
@@ -845,7 +1167,8 @@ def main(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Load a data set, print a summary and optionally save a preview grid.")
-    p.add_argument("--data", default="shapes", help="shapes | cifar10 | cifar100 | tinyimagenet | a path")
+    p.add_argument("--data", default="shapes", help="shapes | shapes-seg | shapes-landmarks | cifar10 | cifar100 | tinyimagenet | "
+                                                    "celebamask-hq | wflw | a path")
     p.add_argument("--split", default="train", choices=["train", "test", "val"])
     p.add_argument("--image-size", type=int, default=None, help="resize (ADM center crop) to this many pixels")
     p.add_argument("--grid", default=None, help="write a preview grid PNG here")

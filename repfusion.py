@@ -7,7 +7,9 @@ supervises a student (CIFAR ResNet) through a projector, L_feat = || P(f_S(x)) -
 chosen per image by a policy network pi(t | x) (a LeNet-like CNN, a categorical over t bins), trained with
 REINFORCE: the reward is minus the cross-entropy of a small MLP task head that reads f_T(x, t) (the head is
 trained with CE alongside), with a moving-average baseline and an entropy bonus decayed linearly to 0.
-The distilled student is then fine-tuned on labels and compared with the same student trained from scratch.
+The distilled student is then fine-tuned on labels and compared with the same student trained from scratch; for the
+paper's dense transfers it becomes the context path of a BiSeNetV1 face parser (`--task seg`, mIoU on CelebAMask-HQ)
+or the backbone of a top-down heatmap landmark model (`--task landmarks`, NME on WFLW).
 
     python repfusion.py --out-dir runs/demo                # teacher -> distill -> finetune + scratch on `shapes`, CPU
     python repfusion.py distill --teacher runs/ddae/pretrain --data cifar10 --out-dir runs/rf/distill
@@ -15,6 +17,9 @@ The distilled student is then fine-tuned on labels and compared with the same st
     python repfusion.py scratch --student resnet18 --data cifar10 --labels-per-class 400 --out-dir runs/rf/scratch
     torchrun --nproc_per_node=8 repfusion.py distill --teacher ... --t-policy rl --batch-size 128
     python repfusion.py distill --teacher ddpm-cifar10-32 --teacher-layer mid_block.resnets.1.conv2 --data cifar10 ...
+    python repfusion.py --task seg --out-dir runs/rf-seg      # the same pipeline, then BiSeNetV1 on shapes-seg (mIoU)
+    python repfusion.py --task landmarks --out-dir runs/rf-lm  # ... a heatmap landmark head on shapes-landmarks (NME)
+    python repfusion.py finetune --task seg --ckpt runs/rf/distill --data CelebAMask-HQ --out-dir runs/rf/seg
 
 Teachers: a `ddae_probe.py pretrain` checkpoint (DDPM/EDM UNet; any block by name, default `mid`, or a module inside
 one), a public UNet (models.load_unet: a diffusers UNet2DModel folder such as google/ddpm-cifar10-32, a guided-diffusion
@@ -29,6 +34,7 @@ import os
 import time
 from functools import partial
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
@@ -38,7 +44,8 @@ import data
 from data import UserError
 from training import (add_common_args, add_train_args, all_sum, autocast, check_out_dir, cleanup_distributed, compile_default,
                       draw_global, find_checkpoint, fit, HelpFormatter, linear_probe, load_json, load_state_dict_strict,
-                      load_weights, resolve_amp, run, RunLog, save_heatmap, save_json, setup_distributed, step_generator)
+                      load_weights, resolve_amp, run, RunLog, save_heatmap, save_image_grid, save_json, setup_distributed,
+                      step_generator)
 from models import (checkpoint_kind, Diffusion, load_dit, load_run, load_unet, make_objective, RepCondDiT, UNet, UNet_models,
                     unet_file_kind)
 from vae import Space
@@ -90,21 +97,27 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet for 32x32 inputs (the CIFAR variant): 3x3 stride-1 stem, no max-pool, four stages of widths
-    w, 2w, 4w, 8w (w = 64 is the standard ResNet-18/50) at strides 1, 2, 2, 2. Parameter names follow
-    torchvision (conv1, bn1, layerK.i.conv1, downsample.0, fc). num_classes = 0: no fc, forward returns the
-    pooled layer4 feature (N, 8w * expansion)."""
-    def __init__(self, block, layers, width=64, in_channels=3, num_classes=0):
+    """ResNet with four stages of widths w, 2w, 4w, 8w (w = 64 is the standard ResNet-18/50) at strides 1, 2, 2, 2
+    after the stem. stem "cifar" (for 32x32 inputs): 3x3 stride-1 conv, no max-pool, stage outputs at 1, 1/2, 1/4,
+    1/8; stem "imagenet" (torchvision's, the official dense students'): 7x7 stride-2 conv and a 3x3 stride-2
+    max-pool, stage outputs at 1/4 ... 1/32. Parameter names follow torchvision (conv1, bn1, layerK.i.conv1,
+    downsample.0, fc) for both stems. num_classes = 0: no fc, forward returns the pooled layer4 feature (N, 8w * expansion)."""
+    def __init__(self, block, layers, width=64, in_channels=3, num_classes=0, stem="cifar"):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        if stem not in STEMS:
+            raise UserError(f"--stem {stem}: expected one of {', '.join(STEMS)}")
+        self.stem = stem
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False) if stem == "cifar" else \
+            nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        cur, stages = width, []
+        cur, stages, self.stage_channels = width, [], []
         for i, n in enumerate(layers):
             ch, blocks = width * 2 ** i, []
             for j in range(n):
                 blocks.append(block(cur, ch, stride=2 if (i > 0 and j == 0) else 1))
                 cur = ch * block.expansion
             stages.append(nn.Sequential(*blocks))
+            self.stage_channels.append(cur)
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.feature_dim = cur
         self.fc = nn.Linear(cur, num_classes) if num_classes > 0 else None
@@ -115,6 +128,8 @@ class ResNet(nn.Module):
     def forward_features(self, x):
         """-> the four stage outputs [(N, w, H, W), (N, 2w, H/2, W/2), (N, 4w, H/4, W/4), (N, 8w, H/8, W/8)] (x expansion)"""
         x = F.relu(self.bn1(self.conv1(x)))
+        if self.stem == "imagenet":
+            x = F.max_pool2d(x, 3, 2, 1)
         maps = []
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = stage(x)
@@ -127,11 +142,13 @@ class ResNet(nn.Module):
 
 
 Student_models = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}
+STEMS = ("cifar", "imagenet")
+STAGE_STRIDES = {"cifar": (1, 2, 4, 8), "imagenet": (4, 8, 16, 32)}
 
 
-def build_student(name, width=64, in_channels=3, num_classes=0):
+def build_student(name, width=64, in_channels=3, num_classes=0, stem="cifar"):
     block, layers = Student_models[name]
-    return ResNet(block, layers, width, in_channels, num_classes)
+    return ResNet(block, layers, width, in_channels, num_classes, stem)
 
 
 class PolicyNet(nn.Module):
@@ -162,6 +179,153 @@ class TaskHead(nn.Module):
 
     def forward(self, f):
         return self.fc2(F.relu(self.fc1(self.norm(f))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense models around the student: BiSeNetV1 (face parsing) and a top-down heatmap head (landmarks). Module and
+# parameter names follow mmseg's BiSeNetV1 / FCNHead and mmpose's TopdownHeatmapSimpleHead.
+
+
+class ConvModule(nn.Sequential):
+    """mmcv's ConvModule: conv (no bias before a norm), BatchNorm, optional ReLU; keys conv.*, bn.*."""
+    def __init__(self, cin, cout, k, stride=1, act=True):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        if act:
+            self.activate = nn.ReLU(inplace=True)
+
+
+class SpatialPath(nn.Module):
+    """BiSeNet's spatial path: conv 7x7, conv 3x3, conv 3x3, conv 1x1, each with BN and ReLU. Its output must sit at
+    the resolution of the context path's layer2 map: strides (2, 2, 2) = 1/8 with the ImageNet stem (the official),
+    (2, 1, 1) = 1/2 with the CIFAR stem (same parameters)."""
+    def __init__(self, cin, chs, strides):
+        super().__init__()
+        self.layer1 = ConvModule(cin, chs[0], 7, strides[0])
+        self.layer2 = ConvModule(chs[0], chs[1], 3, strides[1])
+        self.layer3 = ConvModule(chs[1], chs[2], 3, strides[2])
+        self.layer4 = ConvModule(chs[2], chs[3], 1)
+
+    def forward(self, x):
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class AttentionRefinementModule(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv_layer = ConvModule(cin, cout, 3)
+        self.atten_conv_layer = nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvModule(cout, cout, 1, act=False), nn.Sigmoid())
+
+    def forward(self, x):
+        x = self.conv_layer(x)
+        return x * self.atten_conv_layer(x)  # channel attention from the pooled feature
+
+
+class ContextPath(nn.Module):
+    """The student ResNet (`backbone`) with attention refinement of its 1/16 and 1/32 maps (layer3, layer4) and a
+    global-context vector; -> (context at layer2's resolution, context at layer3's), both c0 channels."""
+    def __init__(self, backbone, c0):
+        super().__init__()
+        _, _, c3, c4 = backbone.stage_channels
+        self.backbone = backbone
+        self.arm16, self.arm32 = AttentionRefinementModule(c3, c0), AttentionRefinementModule(c4, c0)
+        self.conv_head32, self.conv_head16 = ConvModule(c0, c0, 3), ConvModule(c0, c0, 3)
+        self.gap_conv = nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvModule(c4, c0, 1))
+
+    def forward(self, x):
+        _, x_8, x_16, x_32 = self.backbone.forward_features(x)
+        x_32_sum = self.arm32(x_32) + self.gap_conv(x_32)  # (N, c0, h/32, w/32) + (N, c0, 1, 1)
+        x_32_up = self.conv_head32(F.interpolate(x_32_sum, size=x_16.shape[2:], mode="nearest"))  # (N, c0, h/16, w/16)
+        x_16_sum = self.arm16(x_16) + x_32_up
+        x_16_up = self.conv_head16(F.interpolate(x_16_sum, size=x_8.shape[2:], mode="nearest"))  # (N, c0, h/8, w/8)
+        return x_16_up, x_32_up
+
+
+class FeatureFusionModule(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv1 = ConvModule(cin, cout, 1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.conv_atten = nn.Sequential(ConvModule(cout, cout, 1), nn.Sigmoid())
+
+    def forward(self, x_sp, x_cp):
+        fuse = self.conv1(torch.cat([x_sp, x_cp], dim=1))
+        return fuse * self.conv_atten(self.gap(fuse)) + fuse
+
+
+class FCNHead(nn.Module):
+    """mmseg's FCNHead with one conv (num_convs=1, concat_input=False): conv 3x3 + BN + ReLU, Dropout2d(0.1), 1x1
+    classifier (normal(0, 0.01) init, as BaseDecodeHead)."""
+    def __init__(self, cin, ch, num_classes, dropout=0.1):
+        super().__init__()
+        self.convs = nn.Sequential(ConvModule(cin, ch, 3))
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(ch, num_classes, 1)
+        nn.init.normal_(self.conv_seg.weight, std=0.01)
+        nn.init.zeros_(self.conv_seg.bias)
+
+    def forward(self, x):
+        return self.conv_seg(self.dropout(self.convs(x)))
+
+
+class BiSeNetV1(nn.Module):
+    """BiSeNetV1 (Yu et al. 2018) as mmseg builds it (configs/_base_/models/bisenetv1_r18-d32.py, the RepFusion face
+    parser): the student ResNet is the context path's backbone. All widths follow from the ResNet's layer2 width c0
+    (128 for ResNet-18, 512 for ResNet-50 at w = 64, which gives the official configs exactly): spatial path
+    (c0/2, c0/2, c0/2, c0), fusion and decode head 2 c0, two auxiliary FCN heads of c0/2 on the two context maps
+    (loss weight 1 each, as the configs). forward -> (main logits, aux logits on the layer2-resolution context,
+    aux logits on the layer3-resolution context), each (N, num_classes, h', w'); the loss upsamples them (bilinear)."""
+    def __init__(self, backbone, num_classes):
+        super().__init__()
+        c0 = backbone.stage_channels[1]
+        strides = (2, 2, 2) if backbone.stem == "imagenet" else (2, 1, 1)
+        self.context_path = ContextPath(backbone, c0)
+        self.spatial_path = SpatialPath(backbone.conv1.in_channels, (c0 // 2, c0 // 2, c0 // 2, c0), strides)
+        self.ffm = FeatureFusionModule(2 * c0, 2 * c0)
+        self.decode_head = FCNHead(2 * c0, 2 * c0, num_classes)
+        self.auxiliary_head = nn.ModuleList([FCNHead(c0, c0 // 2, num_classes), FCNHead(c0, c0 // 2, num_classes)])
+
+    @property
+    def backbone(self):
+        return self.context_path.backbone
+
+    def forward(self, x):
+        x_context8, x_context16 = self.context_path(x)
+        x_fuse = self.ffm(self.spatial_path(x), x_context8)  # (N, 2 c0, h/8, w/8)
+        return (self.decode_head(x_fuse), self.auxiliary_head[0](x_context8), self.auxiliary_head[1](x_context16))
+
+
+class TopdownHeatmapSimpleHead(nn.Module):
+    """mmpose's TopdownHeatmapSimpleHead (SimpleBaseline, Xiao et al. 2018): `deconvs` x (ConvTranspose2d 4x4 stride 2,
+    BN, ReLU) of `ch` channels, then a 1x1 conv to one heatmap per keypoint. The official: 3 deconvs of 256 on
+    the last ResNet map (1/32 -> 1/4 of the 256-pixel input, 64 x 64 heatmaps); normal(0, 0.001) init."""
+    def __init__(self, cin, num_keypoints, ch=256, deconvs=3):
+        super().__init__()
+        layers = []
+        for i in range(deconvs):
+            layers += [nn.ConvTranspose2d(cin if i == 0 else ch, ch, 4, 2, 1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(inplace=True)]
+        self.deconv_layers = nn.Sequential(*layers)
+        self.final_layer = nn.Conv2d(ch if deconvs else cin, num_keypoints, 1)
+        for m in self.modules():
+            if isinstance(m, (nn.ConvTranspose2d, nn.Conv2d)):
+                nn.init.normal_(m.weight, std=0.001)
+        nn.init.zeros_(self.final_layer.bias)
+
+    def forward(self, x):
+        return self.final_layer(self.deconv_layers(x))
+
+
+class TopDown(nn.Module):
+    """mmpose's TopDown landmark model: the student ResNet (`backbone`) and the heatmap head on its last map.
+    forward: (N, C, H, W) -> heatmaps (N, K, H * 2^deconvs / stride, ...)."""
+    def __init__(self, backbone, num_keypoints, ch=256, deconvs=3):
+        super().__init__()
+        self.backbone = backbone
+        self.keypoint_head = TopdownHeatmapSimpleHead(backbone.stage_channels[-1], num_keypoints, ch, deconvs)
+
+    def forward(self, x):
+        return self.keypoint_head(self.backbone.forward_features(x)[-1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,7 +445,7 @@ class RepFusion(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.feat_loss, self.at_stage = cfg["feat_loss"], cfg.get("at_stage", 3)
-        self.student = build_student(cfg["student"], cfg["width"], cfg["sample_shape"][0])
+        self.student = build_student(cfg["student"], cfg["width"], cfg["sample_shape"][0], stem=cfg.get("stem", "cifar"))
         self.projector = nn.Linear(self.student.feature_dim, cfg["teacher_dim"]) if cfg["feat_loss"] == "mse" else None
         self.policy = PolicyNet(cfg["sample_shape"][0], cfg["t_bins"]) if cfg["t_policy"] == "rl" else None
         self.head = TaskHead(cfg["teacher_dim"], cfg["num_classes"], cfg["head_hidden"]) if cfg["t_policy"] == "rl" else None
@@ -581,13 +745,13 @@ def distill(args, teacher=None):
         raise UserError("--feat-loss at needs a spatial teacher map")
     # only the rl policy reads labels (its reward); fixed and random distillation is label-free
     _, ds_masked = label_budget(ds, args.labels_per_class, args.labeled_fraction, args.seed) if args.t_policy == "rl" else (ds, ds)
-    student = build_student(args.student, args.width, ds.sample_shape[0])
+    student = build_student(args.student, args.width, ds.sample_shape[0], stem=args.stem)
     with torch.no_grad():  # pair the teacher map with the student stage of the closest resolution (ties: deeper)
         sizes = [m.shape[-1] for m in student.forward_features(torch.zeros(1, *ds.sample_shape))]
     at_stage = min(range(4), key=lambda i: (abs(math.log(sizes[i] / teacher.map_shape[-1])), -i))
     decay = args.entropy_decay_steps if args.entropy_decay_steps is not None else args.steps // 2
     hist_every = args.hist_every or max(1, math.ceil(args.steps / HIST_ROWS))
-    cfg = dict(stage="repfusion-distill", student=args.student, width=args.width, sample_shape=list(ds.sample_shape),
+    cfg = dict(stage="repfusion-distill", student=args.student, width=args.width, stem=args.stem, sample_shape=list(ds.sample_shape),
                teacher=args.teacher, teacher_kind=teacher.kind, teacher_layer=teacher.layer, teacher_dim=teacher.dim,
                teacher_map_shape=list(teacher.map_shape), teacher_input=args.teacher_input, T=teacher.T,
                feat_loss=args.feat_loss, at_stage=at_stage, t_policy=args.t_policy, t_bins=args.t_bins, t_max=t_max,
@@ -736,12 +900,277 @@ def train_classifier(args, init=None):
     return metrics
 
 
+# ----------------------------------------------------------------------------------------------
+# Dense tasks (paper 002, Sec. 5.2-5.3): face parsing with BiSeNetV1 (mIoU) and landmarks with heatmaps (NME)
+
+
+def heatmap_targets(kp, hw, stride, sigma=2.0):
+    """mmpose's TopDownGenerateTarget (MSRA encoding): for each keypoint (x, y) in input pixels, a Gaussian of std sigma
+    (heatmap pixels) centred on the integer mu = int(kp / stride + 0.5), cut to a (6 sigma + 1)^2 window; the weight is
+    0 when the window misses the heatmap (or the keypoint is NaN). kp: (N, K, 2); hw: (H, W) of the heatmap.
+    -> (targets (N, K, H, W) in [0, 1], weights (N, K))"""
+    H, W = hw
+    valid = kp.isfinite().all(-1)
+    mu = torch.floor(torch.nan_to_num(kp) / stride + 0.5)  # (N, K, 2)
+    r = 3 * sigma
+    ax = lambda n, m: torch.arange(n, device=kp.device, dtype=kp.dtype) - m[..., None]  # (N, K, n) offsets from mu
+    g = lambda d: torch.exp(-d ** 2 / (2 * sigma ** 2)) * (d.abs() <= r)
+    target = g(ax(H, mu[..., 1]))[..., :, None] * g(ax(W, mu[..., 0]))[..., None, :]
+    ul, br = torch.trunc(mu - r), torch.trunc(mu + r + 1)  # mmpose's int() of the window corners
+    inside = (ul[..., 0] < W) & (ul[..., 1] < H) & (br[..., 0] >= 0) & (br[..., 1] >= 0) & valid
+    return target * inside[..., None, None], inside.to(kp.dtype)
+
+
+def heatmap_loss(pred, target, weight):
+    """mmpose's JointsMSELoss(use_target_weight=True): mean over keypoints of MSE(pred * w, target * w)."""
+    return ((pred.float() - target) * weight[..., None, None]).pow(2).mean()
+
+
+def decode_heatmaps(hm):
+    """mmpose's 'default' post-processing: the argmax of each heatmap, moved a quarter pixel towards the higher
+    neighbour along x and along y (where the argmax is not on the border). hm: (N, K, H, W) -> (N, K, 2) (x, y) in
+    heatmap pixels (0 where the maximum is not positive, as mmpose)."""
+    N, K, H, W = hm.shape
+    flat = hm.float().flatten(2)
+    maxval, idx = flat.max(2)
+    x, y = (idx % W).float(), (idx // W).float()
+    at = lambda dy, dx: flat.gather(2, ((y.long() + dy).clamp(0, H - 1) * W + (x.long() + dx).clamp(0, W - 1))[..., None])[..., 0]
+    inner = (x > 1) & (x < W - 1) & (y > 1) & (y < H - 1)
+    dx, dy = torch.sign(at(0, 1) - at(0, -1)), torch.sign(at(1, 0) - at(-1, 0))  # both read at the argmax
+    xy = torch.stack([x + torch.where(inner, 0.25 * dx, 0.0), y + torch.where(inner, 0.25 * dy, 0.0)], -1)
+    return xy * (maxval > 0)[..., None]
+
+
+@torch.no_grad()
+def predict_keypoints(net, x, flip_pairs, flip_test=True):
+    """Keypoints (N, K, 2) in input pixels from a TopDown model: decode_heatmaps scaled by the input/heatmap stride
+    (mmpose's transform_preds on the crop). flip_test: the heatmaps of the flipped input are flipped back (width
+    reversed, left/right pairs swapped), shifted one pixel right (shift_heatmap=True) and averaged in, as mmpose."""
+    hm = net(x).float()
+    if flip_test:
+        hf = net(x.flip(3)).float().flip(3)
+        perm = list(range(hm.shape[1]))
+        for i, j in flip_pairs:
+            perm[i], perm[j] = j, i
+        hf = hf[:, perm]
+        hf[..., 1:] = hf[..., :-1].clone()
+        hm = (hm + hf) / 2
+    return decode_heatmaps(hm) * (x.shape[-1] / hm.shape[-1])
+
+
+def miou(confusion, ignore_empty=True):
+    """Per-class IoU and their mean from a confusion matrix (rows: true class, columns: predicted), accumulated over the
+    whole test set as mmseg's total areas: IoU_c = TP / (TP + FP + FN). A class that is absent from both truth and
+    prediction has no IoU (NaN) and is left out of the mean (mmseg's nanmean). -> (mean, per-class list, pixel accuracy)"""
+    c = confusion.double()
+    tp, union = c.diag(), c.sum(0) + c.sum(1) - c.diag()
+    iou = tp / union  # NaN where union == 0
+    return float(iou.nanmean()), iou.tolist(), float(tp.sum() / c.sum().clamp(min=1))
+
+
+def confusion_matrix(pred, target, num_classes, ignore_index=data.IGNORE_INDEX):
+    """(num_classes, num_classes) int64 counts of (true, predicted) over the pixels whose truth is not ignore_index."""
+    keep = target != ignore_index
+    t, p = target[keep].long(), pred[keep].long()
+    return torch.bincount(t * num_classes + p, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def nme_per_sample(pred, gt, norm_pair):
+    """Per-sample NME: the mean over keypoints of ||pred - gt|| divided by the distance between the two ground-truth
+    keypoints of norm_pair (WFLW: 60 and 72, the outer eye corners: the inter-ocular distance, as mmpose's
+    FaceWFLWDataset). pred, gt: (N, K, 2) -> (N,)"""
+    i, j = norm_pair
+    norm = (gt[:, i] - gt[:, j]).norm(dim=-1)
+    return (pred - gt).norm(dim=-1).mean(1) / norm
+
+
+def landmark_metrics(nme, threshold=0.1):
+    """WFLW's summary of per-sample NMEs: mean NME, failure rate (fraction of samples with NME > threshold) and the
+    AUC of the cumulative error distribution on [0, threshold], normalised to 1. The CED is a step function, so its
+    area is exact: AUC = mean_i max(0, threshold - nme_i) / threshold (the usual fine-grid sums approach it)."""
+    nme = nme.double()
+    return {"nme": float(nme.mean()), "fr_10": float((nme > threshold).double().mean()),
+            "auc_10": float((threshold - nme).clamp(min=0).mean() / threshold)}
+
+
+def palette(n):
+    """n distinct colours (uint8 (n, 3)); class 0 (background) is drawn as the image itself."""
+    h = torch.arange(n, dtype=torch.float64) * 0.618033988749895 % 1.0
+    k = (torch.stack([h * 6, h * 6 + 4, h * 6 + 2], 1)) % 6  # HSV -> RGB at s = v = 1 ...
+    rgb = 1 - torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+    return (55 + 200 * rgb).round().to(torch.uint8)
+
+
+def mask_overlay(images, masks, num_classes):
+    """uint8 images (N, 3, H, W) and masks (N, H, W) -> uint8 (N, 3, H, W): each class but background in its colour at
+    half opacity, IGNORE_INDEX pixels grey."""
+    pal = torch.cat([palette(num_classes), torch.zeros(256 - num_classes, 3, dtype=torch.uint8)])
+    pal[data.IGNORE_INDEX] = 128
+    col = pal[masks.long().cpu()].permute(0, 3, 1, 2).float()
+    paint = (masks.cpu() > 0)[:, None]
+    return torch.where(paint, (images.cpu().float() + col) / 2, images.cpu().float()).round().to(torch.uint8)
+
+
+def landmark_overlay(images, truth, pred, min_size=128):
+    """uint8 images (N, 3, H, W) enlarged (nearest) to at least min_size, with the ground-truth keypoints (green) and
+    the predictions (red) drawn as dots, joined by a line. -> uint8 (N, 3, H', W')"""
+    from PIL import Image, ImageDraw
+    n, _, h, w = images.shape
+    f = max(1, min_size // max(h, w))
+    out = []
+    for k in range(n):
+        img = Image.fromarray(images[k].permute(1, 2, 0).cpu().numpy()).resize((w * f, h * f), Image.NEAREST)
+        draw = ImageDraw.Draw(img)
+        pos = lambda p: ((p[0] + 0.5) * f - 0.5, (p[1] + 0.5) * f - 0.5)  # pixel centres at integers, in both scales
+        r = max(1.5, f * 0.6 if h * f <= 256 else 1.5)
+        for t, q in zip(truth[k].tolist(), pred[k].tolist()):
+            if all(math.isfinite(v) for v in t):
+                draw.line([pos(t), pos(q)], fill=(255, 255, 0), width=1)
+                draw.ellipse([pos(t)[0] - r, pos(t)[1] - r, pos(t)[0] + r, pos(t)[1] + r], fill=(0, 220, 0))
+            draw.ellipse([pos(q)[0] - r, pos(q)[1] - r, pos(q)[0] + r, pos(q)[1] + r], fill=(230, 0, 0))
+        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+def build_dense(task, student, width, in_channels, stem, num_out, head_ch=256, deconvs=3):
+    """The downstream model of a task around a fresh student ResNet: BiSeNetV1 (seg, num_out classes) or TopDown
+    (landmarks, num_out keypoints)."""
+    backbone = build_student(student, width, in_channels, stem=stem)
+    return BiSeNetV1(backbone, num_out) if task == "seg" else TopDown(backbone, num_out, head_ch, deconvs)
+
+
+@torch.no_grad()
+def evaluate_dense(net, ds, dist, amp="none", batch_size=64, flip_test=True):
+    """Test figures of a dense model on ds, sharded over ranks. seg: confusion matrix -> mIoU, per-class IoU, pixel
+    accuracy (logits upsampled bilinearly to the mask size). landmarks: per-sample NME, FR@0.1, AUC@0.1 (+ per
+    attribute subset if ds has attributes). Also returns (indices, predictions) of up to 8 samples for the pictures."""
+    net.eval()
+    dev = dist.device
+    if ds.task == "seg":
+        K = ds.num_classes
+        conf = torch.zeros(K, K, dtype=torch.long, device=dev)
+        first = None
+        for x, y, idx in data.iterate(ds, batch_size, dev, rank=dist.rank, world_size=dist.world_size):
+            with autocast(amp, dev):
+                logits = net(x)[0]
+            pred = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+            conf += confusion_matrix(pred, y, K)
+            first = (idx[:8].cpu(), pred[:8].cpu()) if first is None else first
+        m, iou, acc = miou(all_sum(conf, dist))
+        return {"miou": m, "iou": {c: (None if math.isnan(v) else v) for c, v in zip(ds.classes, iou)}, "pixel_acc": acc}, first
+    n, first = len(ds), None
+    out = torch.zeros(n, device=dev)
+    for x, y, idx in data.iterate(ds, batch_size, dev, rank=dist.rank, world_size=dist.world_size):
+        with autocast(amp, dev):
+            pred = predict_keypoints(net, x, ds.flip_pairs, flip_test)
+        out[idx] = nme_per_sample(pred, y.float(), ds.norm_pair)
+        first = (idx[:8].cpu(), pred[:8].cpu()) if first is None else first
+    nme = all_sum(out, dist).cpu()
+    res = landmark_metrics(nme)
+    if ds.attributes is not None:  # WFLW's subsets (tools/evaluate_wlfw.sh): the samples with each attribute flag set
+        res["nme_subsets"] = {a: float(nme[ds.attributes[:, i].bool()].mean()) if ds.attributes[:, i].any() else None
+                              for i, a in enumerate(ds.attribute_names)}
+    return res, first
+
+
+def trivial_baseline(train, test):
+    """What a model that ignores the image scores: seg, the most frequent training class everywhere (mIoU); landmarks,
+    the mean training keypoints for every test sample (NME)."""
+    if test.task == "seg":  # pixel counts in chunks: CelebAMask-HQ's masks are 6 GB
+        counts = lambda m: sum(torch.bincount(c.flatten().long(), minlength=256) for c in m.split(64))[:test.num_classes]
+        c, n = int(counts(train.masks).argmax()), counts(test.masks).double()
+        # predicting c everywhere: IoU_c = n_c / N, 0 for every other class in the truth, no IoU for absent ones
+        present = (n > 0) | (torch.arange(len(n)) == c)
+        return {"miou": float(n[c] / n.sum() / present.sum())}
+    mean = train.keypoints.float().nanmean(0)
+    return {"nme": float(nme_per_sample(mean.expand_as(test.keypoints), test.keypoints.float(), test.norm_pair).mean())}
+
+
+DENSE_SHAPES_DATA = {"seg": "shapes-seg", "landmarks": "shapes-landmarks"}
+
+
+def train_dense(args, init=None):
+    """finetune --task seg|landmarks (init = a distill checkpoint: its student becomes the backbone) or scratch (init
+    None: the same model from random initialisation, as the official baselines): train on the (labeled fraction of
+    the) training split, then evaluate on the test split (mIoU, or NME / FR / AUC) and draw overlays."""
+    if args.labels_per_class is not None:
+        raise UserError(f"--labels-per-class {args.labels_per_class}: --task {args.task} has no classes per image; "
+                        f"give the label budget as --labeled-fraction")
+    dist = setup_distributed(args.device)
+    compile_default(args, dist)
+    torch.manual_seed(args.seed)
+    amp = resolve_amp(args.amp, dist.device)
+    dcfg, sd = None, None
+    if init is not None:
+        d = find_checkpoint(init)
+        dcfg = load_json(os.path.join(d, "config.json"))
+        if dcfg.get("stage") != "repfusion-distill":
+            raise UserError(f"--ckpt {init}: not a `repfusion.py distill` checkpoint (stage {dcfg.get('stage')!r})")
+        sd = {k[len("student."):]: v for k, v in load_weights(d, RepFusion(dcfg)).state_dict().items() if k.startswith("student.")}
+    spec = DENSE_SHAPES_DATA[args.task] if args.data == "shapes" else args.data  # shapes' dense variant, same images
+    if spec is None:
+        if dcfg is None or dcfg.get("data") != "shapes":
+            raise UserError(f"--task {args.task}: give --data (a CelebAMask-HQ / WFLW folder, or {DENSE_SHAPES_DATA[args.task]})")
+        spec = DENSE_SHAPES_DATA[args.task]
+    ds = data.load(spec, "train", args.image_size)
+    test = data.load(args.test_data or spec, "test", args.image_size)
+    if ds.task != args.task or test.task != args.task:
+        raise UserError(f"--data {spec}: a {ds.task} data set, but --task is {args.task} "
+                        f"(seg: masks, e.g. shapes-seg or CelebAMask-HQ; landmarks: keypoints, e.g. shapes-landmarks or WFLW)")
+    sub = data.image_subset(ds, args.labeled_fraction, args.seed) if args.labeled_fraction is not None else ds
+    student, width, stem = (dcfg["student"], dcfg["width"], dcfg.get("stem", "cifar")) if dcfg else (args.student, args.width, args.stem)
+    if dcfg and ds.sample_shape[0] != dcfg["sample_shape"][0]:
+        raise UserError(f"--data {spec}: images have {ds.sample_shape[0]} channels, the student was distilled on {dcfg['sample_shape'][0]}")
+    num_out = ds.num_classes if args.task == "seg" else ds.keypoints.shape[1]
+    model = build_dense(args.task, student, width, ds.sample_shape[0], stem, num_out, args.head_ch, args.deconvs)
+    if sd is not None:
+        load_state_dict_strict(model.backbone, sd, init)
+    model = for_device(model, dist)
+    stage = "repfusion-finetune" if init else "repfusion-scratch"
+    cfg = dict(stage=stage, task=args.task, student=student, width=width, stem=stem, sample_shape=list(ds.sample_shape),
+               num_out=num_out, head_ch=args.head_ch, deconvs=args.deconvs, init_from=init, data=spec,
+               image_size=args.image_size, classes=ds.classes, n_labeled=len(sub), args=vars(args))
+    loader = data.Loader(sub, args.batch_size, dist.device, seed=args.seed, augment=not args.no_augment,
+                         rank=dist.rank, world_size=dist.world_size)
+    sigma = args.sigma
+
+    def loss_fn(net, x, y, step):
+        out = net(x)
+        if args.task == "seg":  # CE on the main and both auxiliary heads (weight 1 each), logits upsampled to the mask
+            up = lambda o: F.interpolate(o.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
+            return sum(F.cross_entropy(up(o), y.long(), ignore_index=data.IGNORE_INDEX) for o in out)
+        target, weight = heatmap_targets(y.float(), out.shape[-2:], x.shape[-1] / out.shape[-1], sigma)
+        return heatmap_loss(out, target, weight)
+    t0 = time.time()
+    model, ema = fit(model, loss_fn, loader, args, dist, args.out_dir, cfg)
+    res, first = evaluate_dense(ema, test, dist, amp, flip_test=not args.no_flip_test)
+    metrics = dict(res, task=args.task, trivial=trivial_baseline(sub, test), n_labeled=len(sub), n_test=len(test),
+                   init=init, steps=args.steps, seconds=time.time() - t0)
+    RunLog(args.out_dir, dist).metrics(metrics)
+    if dist.is_main:
+        idx, pred = first
+        k, images = len(idx), test.images[idx]
+        if args.task == "seg":
+            pics = torch.cat([images, mask_overlay(images, test.masks[idx], test.num_classes),
+                              mask_overlay(images, pred.to(torch.uint8), test.num_classes)])
+            save_image_grid(pics, os.path.join(args.out_dir, "masks.png"), nrow=k,
+                            captions=["image"] * k + ["truth"] * k + ["prediction"] * k)
+            print(f"{stage.split('-')[1]} (seg): test mIoU {res['miou']:.4f} (the most frequent class everywhere: "
+                  f"{metrics['trivial']['miou']:.4f}), pixel accuracy {res['pixel_acc']:.4f}, {len(sub)} labeled images")
+        else:
+            pics = landmark_overlay(images, test.keypoints[idx], pred)
+            save_image_grid(pics, os.path.join(args.out_dir, "landmarks.png"), nrow=min(k, 4))
+            print(f"{stage.split('-')[1]} (landmarks): test NME {res['nme']:.4f} (the mean shape: {metrics['trivial']['nme']:.4f}), "
+                  f"FR@0.1 {res['fr_10']:.4f}, AUC@0.1 {res['auc_10']:.4f}, {len(sub)} labeled images")
+    return metrics
+
+
 def finetune(args):
-    return train_classifier(args, init=args.ckpt)
+    return train_classifier(args, init=args.ckpt) if args.task == "classification" else train_dense(args, init=args.ckpt)
 
 
 def scratch(args):
-    return train_classifier(args, init=None)
+    return train_classifier(args, init=None) if args.task == "classification" else train_dense(args, init=None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -792,6 +1221,10 @@ def pipeline(args):
                                 "--steps", str(args.steps), "--student", args.student, "--width", str(args.width),
                                 "--t-policy", args.t_policy, "--t-bins", str(args.t_bins), "--teacher-input", args.teacher_input,
                                 *(lab if args.reward_labels == "budget" else [])]))
+    if args.task != "classification":
+        return dense_pipeline(args, p, r_d, teacher, common, train, t0, t_teacher)
+    if args.finetune_lr is not None:
+        train = [*train, "--lr", str(args.finetune_lr)]
     r_f = finetune(p.parse_args(["finetune", "--ckpt", f"{out}/distill/ckpt", "--out-dir", f"{out}/finetune", *common, *lab, *train,
                                  "--steps", str(args.finetune_steps)]))
     r_s = scratch(p.parse_args(["scratch", "--out-dir", f"{out}/scratch", *common, *lab, *train, "--steps", str(args.finetune_steps),
@@ -813,6 +1246,42 @@ def pipeline(args):
     return metrics
 
 
+def dense_pipeline(args, p, r_d, teacher, common, train, t0, t_teacher):
+    """The bare run's dense tail: finetune --task seg|landmarks from the distilled student and scratch, same budget and
+    seed, on the dense variant of the distillation data (shapes -> shapes-seg / shapes-landmarks)."""
+    out, task = args.out_dir, args.task
+    if args.data != "shapes":
+        raise UserError(f"--task {task}: the bare run's dense data is the dense variant of shapes; run finetune/scratch "
+                        f"--task {task} --data ... for other data")
+    common = [*common[2:], "--data", DENSE_SHAPES_DATA[task]]
+    lr = args.finetune_lr if args.finetune_lr is not None else 1e-2
+    train = [*train, "--lr", str(lr)]  # (the later --lr wins over the distillation's)
+    dense = ["--task", task, "--labeled-fraction", str(args.labeled_fraction), "--head-ch", str(args.head_ch),
+             "--steps", str(args.finetune_steps)]
+    r_f = finetune(p.parse_args(["finetune", "--ckpt", f"{out}/distill/ckpt", "--out-dir", f"{out}/finetune", *common, *train, *dense]))
+    r_s = scratch(p.parse_args(["scratch", "--out-dir", f"{out}/scratch", *common, *train, *dense,
+                                "--student", args.student, "--width", str(args.width)]))
+    key = "miou" if task == "seg" else "nme"
+    metrics = {f"student_{key}": r_f[key], f"scratch_{key}": r_s[key], f"trivial_{key}": r_f["trivial"][key], "task": task,
+               "n_labeled": r_f["n_labeled"], "n_test": r_f["n_test"], "t_policy": r_d["t_policy"], "t_mean": r_d["t_mean"],
+               "teacher": teacher, "teacher_layer": r_d["teacher_layer"], "student": args.student, "width": args.width,
+               "head_ch": args.head_ch if task == "landmarks" else None,
+               "seconds": {"teacher": t_teacher, "distill": r_d["seconds"], "finetune": r_f["seconds"], "scratch": r_s["seconds"],
+                           "total": time.time() - t0}}
+    if task == "landmarks":
+        metrics.update({f"{who}_{k}": r[k] for who, r in (("student", r_f), ("scratch", r_s)) for k in ("fr_10", "auc_10")})
+    else:
+        metrics.update(student_iou=r_f["iou"], scratch_iou=r_s["iou"])
+    if int(os.environ.get("RANK", 0)) != 0:
+        return metrics
+    save_json(os.path.join(out, "metrics.json"), metrics)
+    better = "higher" if task == "seg" else "lower"
+    print(f"\n{task}: student (distilled + fine-tuned) {key} {metrics[f'student_{key}']:.4f} | scratch {metrics[f'scratch_{key}']:.4f} "
+          f"| trivial {metrics[f'trivial_{key}']:.4f} ({better} is better) | {metrics['n_labeled']} labeled images | "
+          f"{metrics['seconds']['total']:.0f} s")
+    return metrics
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                                 allow_abbrev=False)  # else a sub-command flag such as --t is "ambiguous" here
@@ -825,12 +1294,19 @@ def build_parser():
     p.add_argument("--finetune-steps", type=int, default=200, help="pipeline: fine-tune and scratch steps")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="pipeline: lr of finetune and scratch (default: --lr for classification, 1e-2 for seg and landmarks, "
+                        "where 2e-3 leaves the 200-step parsers predicting background)")
     p.add_argument("--ema-decay", type=float, default=0.99)
     p.add_argument("--student", default="resnet18", choices=sorted(Student_models))
     p.add_argument("--width", type=int, default=16, help="pipeline: student base width (64 = the standard ResNet)")
     p.add_argument("--t-policy", default="rl", choices=["rl", "fixed", "random"])
     p.add_argument("--t-bins", type=int, default=10)
     p.add_argument("--labels-per-class", type=int, default=10, help="pipeline: the label budget of finetune and scratch")
+    add_task_args(p)
+    p.set_defaults(head_ch=32)  # the bare run's landmark head: 32 deconv channels on the CPU (256, the official, is --head-ch 256)
+    p.add_argument("--labeled-fraction", type=float, default=0.02, help="pipeline, dense tasks: the fraction of training images "
+                                                                        "with masks / keypoints for finetune and scratch")
     p.add_argument("--reward-labels", default="all", choices=["all", "budget"],
                    help="pipeline: labels the rl reward reads: all train labels (the paper's setting) or only the budget")
     sub = p.add_subparsers(dest="cmd")
@@ -849,6 +1325,8 @@ def build_parser():
                    help="noised: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (the paper); clean: x0 with t (the official code)")
     q.add_argument("--student", default="resnet18", choices=sorted(Student_models))
     q.add_argument("--width", type=int, default=64, help="student base width (64: the standard ResNet)")
+    q.add_argument("--stem", default="cifar", choices=STEMS, help="cifar: 3x3 stride 1 (32 px inputs); imagenet: 7x7 stride 2 + "
+                                                               "max-pool (the official dense students, 256 px faces)")
     q.add_argument("--feat-loss", default="mse", choices=["mse", "at", "rkd"])
     q.add_argument("--feat-weight", type=float, default=None, help="feature loss weight (default: mse 1, at 100, rkd 1)")
     q.add_argument("--t-policy", default="rl", choices=["rl", "fixed", "random"])
@@ -864,20 +1342,36 @@ def build_parser():
     q.add_argument("--labeled-fraction", type=float, default=None)
     q.add_argument("--no-augment", action="store_true")
 
-    for name, hlp in (("finetune", "fine-tune the distilled student on labels"),
-                      ("scratch", "the same student from scratch, same labels")):
+    for name, hlp in (("finetune", "fine-tune the distilled student on labels (classification, seg or landmarks)"),
+                      ("scratch", "the same model from scratch, same labels")):
         q = sub.add_parser(name, help=hlp)
         add_common_args(q, f"runs/repfusion/{name}", data=name == "scratch")
         add_train_args(q, steps=20_000, batch_size=128, lr=1e-3)
+        add_task_args(q)
         if name == "finetune":
             q.add_argument("--ckpt", required=True, help="a distill checkpoint folder (OUT_DIR/ckpt)")
+            q.add_argument("--image-size", type=int, default=None,
+                           help="dense tasks: image size (default the data's: CelebAMask-HQ 512, WFLW crops 256)")
         else:
             q.add_argument("--student", default="resnet18", choices=sorted(Student_models))
             q.add_argument("--width", type=int, default=64)
+            q.add_argument("--stem", default="cifar", choices=STEMS, help="the ResNet stem (dense tasks on faces: imagenet)")
         q.add_argument("--labels-per-class", type=int, default=None)
-        q.add_argument("--labeled-fraction", type=float, default=None)
+        q.add_argument("--labeled-fraction", type=float, default=None, help="the fraction of training labels (dense: of images) used")
         q.add_argument("--no-augment", action="store_true")
     return p
+
+
+def add_task_args(q):
+    """The downstream task and its head's flags (finetune, scratch and the bare run)."""
+    q.add_argument("--task", default="classification", choices=["classification", "seg", "landmarks"],
+                   help="classification: linear classifier; seg: BiSeNetV1 around the student (mIoU); landmarks: "
+                        "heatmap head on the student (NME)")
+    q.add_argument("--head-ch", type=int, default=256, help="landmarks: deconv channels (256: the official head)")
+    q.add_argument("--deconvs", type=int, default=3, help="landmarks: deconv layers (3: the official head, heatmaps at 1/4 "
+                                                          "of the input with the imagenet stem)")
+    q.add_argument("--sigma", type=float, default=2.0, help="landmarks: target Gaussian std in heatmap pixels")
+    q.add_argument("--no-flip-test", action="store_true", help="landmarks: no flip test (the official averages it in)")
 
 
 def main(args):
