@@ -23,7 +23,7 @@ import data
 from data import UserError
 from training import (draw_global, find_checkpoint, load_json, load_state_dict_strict, load_torch, load_weights, resolve_amp,
                       step_generator, strip_wrapper_prefixes)
-from vae import _read_state_dict, Space
+from vae import read_state_dict, Space
 
 # ----------------------------------------------------------------------------------------------
 # DiT (official parameter names)
@@ -978,11 +978,11 @@ def load_unet(path, device="cpu", adm_flags=None):
     if files is not None:
         config_path, weights, sched = files
         kw, source = unet_kwargs_from_diffusers(load_json(config_path), config_path), "diffusers"
-        schedule, sd = _diffusers_schedule(sched), strip_wrapper_prefixes(_read_state_dict(weights))
+        schedule, sd = _diffusers_schedule(sched), strip_wrapper_prefixes(read_state_dict(weights))
     elif os.path.isdir(path):
         raise UserError(f"{path}: folder without config.json (expected a diffusers UNet2DModel folder)")
     else:
-        weights, source, sd = path, "adm", strip_wrapper_prefixes(_read_state_dict(path))
+        weights, source, sd = path, "adm", strip_wrapper_prefixes(read_state_dict(path))
         if "input_blocks.0.0.weight" not in sd:
             raise UserError(f"{path}: neither a guided-diffusion UNet (no input_blocks.0.0.weight) nor a diffusers weights "
                             f"file with config.json beside it")
