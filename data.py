@@ -157,14 +157,20 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def _decode(path, image_size=None):
-    """One image file -> uint8 (H, W, 3), as a viewer shows it (to_rgb), ADM-center-cropped to image_size."""
+def open_rgb(path):
+    """One image file -> an RGB PIL image, as a viewer shows it (to_rgb); a file that does not decode in full is one
+    UserError line naming it."""
     try:
         with Image.open(path) as img:
             img.load()  # the full decode: truncated files fail here
-            img = to_rgb(img)
+            return to_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"{path}: cannot read image ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def _decode(path, image_size=None):
+    """One image file -> uint8 (H, W, 3), as a viewer shows it (to_rgb), ADM-center-cropped to image_size."""
+    img = open_rgb(path)
     if image_size and img.size != (image_size, image_size):
         img = center_crop(img, image_size)
     return np.array(img)  # a writable copy, as torch.from_numpy wants
@@ -705,12 +711,7 @@ def _load_celebamask(root, split, image_size=None):
         path = os.path.join(root, "CelebA-HQ-img", f"{idx}.jpg")
         if not os.path.exists(path):
             raise UserError(f"{path}: missing (listed in {CELEBAMASK_MAPPING})")
-        try:
-            with Image.open(path) as img:
-                img.load()
-                img = to_rgb(img)
-        except (OSError, SyntaxError, ValueError) as e:
-            raise UserError(f"{path}: cannot read image ({type(e).__name__}: {_one_line(e)})") from None
+        img = open_rgb(path)
         if img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)
         m = celebamask_label_map(root, idx)
@@ -796,12 +797,7 @@ def _load_wflw(root, split, image_size=None):
         path = os.path.join(images_dir, rel)
         if not os.path.exists(path):
             raise UserError(f"{path}: missing (named in {ann})")
-        try:
-            with Image.open(path) as img:
-                img.load()
-                img = to_rgb(img)
-        except (OSError, SyntaxError, ValueError) as e:
-            raise UserError(f"{path}: cannot read image ({type(e).__name__}: {_one_line(e)})") from None
+        img = open_rgb(path)
         return [(i, *face_crop(img, rows[i][1], size)) for i in faces]
     for done in _pmap(one, list(by_image.items())):
         for i, crop, (cx, cy, k) in done:

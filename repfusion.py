@@ -842,6 +842,16 @@ def distill(args, teacher=None):
     return metrics
 
 
+def distilled_student(ckpt):
+    """A `distill` checkpoint -> (its config, the student's state dict without the `student.` prefix)."""
+    d = find_checkpoint(ckpt)
+    dcfg = load_json(os.path.join(d, "config.json"))
+    if dcfg.get("stage") != "repfusion-distill":
+        raise UserError(f"--ckpt {ckpt}: not a `repfusion.py distill` checkpoint (stage {dcfg.get('stage')!r})")
+    sd = {k[len("student."):]: v for k, v in load_weights(d, RepFusion(dcfg)).state_dict().items() if k.startswith("student.")}
+    return dcfg, sd
+
+
 def train_classifier(args, init=None):
     """finetune (init = a distill checkpoint: the student's weights) or scratch (init None): CE on the labeled
     subset, then top-1 accuracy on the test split."""
@@ -849,13 +859,7 @@ def train_classifier(args, init=None):
     compile_default(args, dist)
     torch.manual_seed(args.seed)  # initial weights: the same on every rank (fit starts the per-rank streams)
     amp = resolve_amp(args.amp, dist.device)
-    dcfg, sd = None, None
-    if init is not None:
-        d = find_checkpoint(init)
-        dcfg = load_json(os.path.join(d, "config.json"))
-        if dcfg.get("stage") != "repfusion-distill":
-            raise UserError(f"--ckpt {init}: not a `repfusion.py distill` checkpoint (stage {dcfg.get('stage')!r})")
-        sd = {k[len("student."):]: v for k, v in load_weights(d, RepFusion(dcfg)).state_dict().items() if k.startswith("student.")}
+    dcfg, sd = distilled_student(init) if init is not None else (None, None)
     spec = (args.data or dcfg["data"]) if dcfg else args.data
     image_size = dcfg.get("image_size") if dcfg else args.image_size
     ds = data.load(spec, "train", image_size)
@@ -1096,17 +1100,11 @@ def train_dense(args, init=None):
     if args.labels_per_class is not None:
         raise UserError(f"--labels-per-class {args.labels_per_class}: --task {args.task} has no classes per image; "
                         f"give the label budget as --labeled-fraction")
-    dist = setup_distributed(args.device)
+    dist = setup_distributed(args.device, args.amp)
     compile_default(args, dist)
     torch.manual_seed(args.seed)
     amp = resolve_amp(args.amp, dist.device)
-    dcfg, sd = None, None
-    if init is not None:
-        d = find_checkpoint(init)
-        dcfg = load_json(os.path.join(d, "config.json"))
-        if dcfg.get("stage") != "repfusion-distill":
-            raise UserError(f"--ckpt {init}: not a `repfusion.py distill` checkpoint (stage {dcfg.get('stage')!r})")
-        sd = {k[len("student."):]: v for k, v in load_weights(d, RepFusion(dcfg)).state_dict().items() if k.startswith("student.")}
+    dcfg, sd = distilled_student(init) if init is not None else (None, None)
     spec = DENSE_SHAPES_DATA[args.task] if args.data == "shapes" else args.data  # shapes' dense variant, same images
     if spec is None:
         if dcfg is None or dcfg.get("data") != "shapes":
