@@ -341,16 +341,15 @@ def bench_dc_classify(args, device):
     if device.type == "cuda":
         model.denoiser = torch.compile(raw)
     out = {}
+    eps = torch.randn(z0.shape, generator=torch.Generator(device=device).manual_seed(0), device=device)  # one draw, shared
 
     @torch.no_grad()
     def batched():
         with training.autocast(amp, device):
-            out["batched"] = rd.dc0_errors(model, diffusion, z0, 500, K, 1, torch.Generator(device=device).manual_seed(0), max_batch=B * K)
+            out["batched"] = rd.dc0_errors(model, diffusion, z0, 500, K, eps[None], max_batch=B * K)
 
     @torch.no_grad()
     def one_at_a_time():  # what a straightforward port does: one eager forward per (image, class)
-        g = torch.Generator(device=device).manual_seed(0)
-        eps = torch.randn(z0.shape, generator=g, device=device)  # the draw dc0_errors makes
         t = torch.full((B,), 500, device=device, dtype=torch.long)
         z_t = diffusion.q_sample(z0, t, eps)
         err = torch.zeros(B, K, device=device)
