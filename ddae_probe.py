@@ -9,13 +9,13 @@ average-pooled, are linearly separable. The best (layer, t) is found by a grid s
 
     python ddae_probe.py --out-dir runs/demo           # pretrain -> probe on `shapes`, CPU, a few minutes
     torchrun --nproc_per_node=8 ddae_probe.py pretrain --data cifar10 --model ddpm --objective ddpm
-    python ddae_probe.py probe --ckpt runs/x/ckpt --t 0 11 25 50 100 200 --out-dir runs/x/probe
+    python ddae_probe.py probe --ckpt runs/x/ckpt --t 1 11 21 51 101 201 --out-dir runs/x/probe
     python ddae_probe.py align --ckpt runs/x/ckpt --grid runs/x/probe/grid.json --out-dir runs/x/align
     python ddae_probe.py finetune --ckpt runs/x/ckpt --grid runs/x/probe/grid.json --out-dir runs/x/ft
     python ddae_probe.py noisy --ckpt runs/x/ckpt --grid runs/x/probe/grid.json --out-dir runs/x/noisy
     python ddae_probe.py sample --ckpts runs/x/ckpt_0050000 runs/x/ckpt_0100000 --fid --probe --out-dir runs/x/fvp
     python ddae_probe.py probe --ckpt DiT-XL-2-256x256.pt --data cifar10 --image-size 256 --vae-path sd-vae.safetensors
-    python ddae_probe.py probe --unet-path ddpm-cifar10-32 --data cifar10 --layers out_6 --t 10   # google/ddpm-cifar10-32
+    python ddae_probe.py probe --unet-path ddpm-cifar10-32 --data cifar10 --layers out_6 --t 11   # google/ddpm-cifar10-32
 
 Layer names (the probe grid's rows) follow the module paths, so `net.get_submodule(name)` is the block:
 `down.i` is the i-th block of the encoder path (res blocks, then a downsampler after every level but the
@@ -23,7 +23,9 @@ last), `mid` the bottleneck (res+attn, res), `up.i` the i-th block of the decode
 res blocks that read a skip, then an upsampler after every level but the last). A DiT's layers are
 `blocks.i`. Official names are accepted too (UNet.resolve_layer): DDAE's `out_k`, diffusers / guided-diffusion
 module paths. `--unet-path` reads a public UNet with its own schedule (models.load_unet). For `--objective edm` every "timestep t" of this script (flags, grids, JSON) is the noise
-level sigma itself; for ddpm it is the 0-based index into the beta schedule (t = 0: the least noise).
+level sigma itself; for ddpm it is the paper's timestep: on a UNet counted from 1 as DDAE's official code and the DDPM paper count it
+(t = 1: the least noise, schedule index t - 1; the official t = 11 is --t 11), on a DiT the 0-based index
+DiT's code uses.
 """
 import argparse
 import copy
@@ -430,7 +432,15 @@ def load_backbone(args, dist):
         raise UserError(f"--data {spec}: model inputs are {tuple(space.sample_shape)}, the network takes {want} "
                         f"(--image-size / --vae-path)")
     cfg["ident"] = f"{ident}:{os.path.getmtime(ident) if os.path.exists(ident) else 0}"
-    return net, make_objective(cfg, device), space, train, test, cfg
+    # the t a user types is the paper's: DDAE's UNets count DDPM timesteps from 1 (official DDPM.perturb), its DiT from 0
+    # (DiT's q_sample in the official DiT/linear.py)
+    return net, make_objective(cfg, device, first_t=paper_first_t(net)), space, train, test, cfg
+
+
+def paper_first_t(net):
+    """Where the typed DDPM t starts for this backbone, as DDAE's official code counts it: 1 for UNets (DDPM.py,
+    t in [1, T]: its t = 11 is schedule index 10), 0 for DiT (DiT/linear.py)."""
+    return 0 if isinstance(net, DiTBackbone) else 1
 
 
 def _labeled_sets(args, train, test):
@@ -719,8 +729,8 @@ def noisy(args):
         levels = obj.check_levels(args.t)
     elif obj.kind == "edm":
         levels = [float(f"{s:.3g}") for s in np.geomspace(obj.sigma_min, obj.sigma_max, 10)]
-    else:
-        levels = sorted({min(obj.T - 1, int(round(f * obj.T))) for f in np.linspace(0, 1, 11)})
+    else:  # the official test_timesteps: every T/20 from the first (1, 51, ..., 951 of 1000)
+        levels = [obj.first_t + k * (obj.T // 20) for k in range(20)] if obj.T >= 20 else list(range(obj.first_t, obj.T + obj.first_t))
     torch.manual_seed(args.seed)
     model = NoisyClassifier(net.truncated(layer), K).to(dist.device)
     _set_feature_stats(model, obj, space, train, args.seed, args.eval_batch_size, dist.device)
@@ -888,7 +898,7 @@ def bench_grid(ckpt=None, dit_path=None, data_spec=None, t=None, layers=None, la
 # The bare run: pretrain -> probe on `shapes`, on the CPU, in a few minutes
 
 
-PIPELINE_T = {"ddpm": [0, 25, 100, 250], "edm": [0.01, 0.06, 0.3, 1.0]}
+PIPELINE_T = {"ddpm": [1, 26, 101, 251], "edm": [0.01, 0.06, 0.3, 1.0]}  # ddpm: the paper's t (indices 0, 25, 100, 250)
 
 
 def pipeline(args):
@@ -935,7 +945,8 @@ def add_backbone_args(q, stage, batch=True):
 
 def add_probe_args(q):
     q.add_argument("--t", type=float, nargs="+", default=None,
-                   help="noise levels: ddpm timesteps (0-based) or edm sigmas (default: a sweep around the paper's optimum)")
+                   help="noise levels: ddpm timesteps as the paper counts them (UNet: from 1, the official t = 11 is 11; DiT: from 0) "
+                        "or edm sigmas (default: the official grid 1 11 21 and a sweep above it)")
     q.add_argument("--layers", nargs="+", default=None, help="layer names (default: every down, mid and up block); official "
                                                                "names too: DDAE's out_k, diffusers / guided-diffusion block paths")
     q.add_argument("--views", type=int, default=4, help="cached views of the train set: view 0 as is, others random crop + flip")

@@ -87,7 +87,7 @@ def ddpm_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddpm")
     m = run(["pretrain", "--out-dir", str(out), *TINY, "--steps", "30", "--batch-size", "32", "--lr", "2e-3",
              "--warmup", "5", "--log-every", "5", "--snapshot-every", "15"])
-    p = run(["probe", "--ckpt", str(out / "ckpt"), "--out-dir", str(out / "probe"), *SMALL, "--t", "0", "100",
+    p = run(["probe", "--ckpt", str(out / "ckpt"), "--out-dir", str(out / "probe"), *SMALL, "--t", "1", "101",
              "--views", "2", "--probe-epochs", "5", "--cache-dir", str(out / "cache")])
     return out, m, p
 
@@ -151,6 +151,28 @@ def test_ddpm_ablation_flags_reach_the_schedule(tmp_path):
         obj.check_levels([64])
 
 
+def test_the_typed_t_is_the_papers_t_counted_from_1_as_the_official_code():
+    """DDAE's DDPM.perturb: beta_t = [0, beta_1..beta_T], alphabar_t[t] = cumprod(1 - beta_t)[t], t in [1, T]. The level our
+    UNet backbones use for a typed t is that alphabar: schedule index t - 1 (the official t = 11 is index 10)."""
+    beta = torch.cat([torch.zeros(1, dtype=torch.float64), torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)])
+    official_abar = torch.cumprod(1 - beta, 0)  # DDAE's schedules(..., 'DDPM')["alphabar_t"], index = the official t
+    net = models.UNet(**dict(models.UNet_models["tiny"], ch=16))
+    obj = models.make_objective({"objective": "ddpm"}, first_t=dp.paper_first_t(net))
+    assert obj.first_t == 1 and obj.check_levels([1, 11, 1000]) == [1, 11, 1000]
+    x0, eps = torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1)
+    for t in (1, 11, 21, 500, 1000):
+        x, cond = obj.net_input(x0, torch.tensor([float(t)]), eps)
+        assert abs(x.item() - official_abar[t].sqrt().item()) < 1e-6 and cond.item() == t - 1  # index t - 1 conditions the net
+    assert obj.default_levels()[:3] == [1, 11, 21]  # the official grid (linear.py --grid: [1, 11, 21])
+    with pytest.raises(UserError, match="counted from 1"):
+        obj.check_levels([0])
+    g = torch.Generator().manual_seed(0)
+    lv = obj.random_levels(g, 4096, training.Dist())
+    assert lv.min() >= 1 and lv.max() <= 1000  # the official training draw t ~ U[1, T]
+    # a DiT keeps DiT's 0-based index (the official DiT/linear.py passes t to DiT's q_sample as is)
+    assert models.make_objective({"objective": "ddpm"}).first_t == 0
+
+
 def test_resume_is_exact_with_dropout(tmp_path):
     common = [*TINY, "--dropout", "0.1", "--batch-size", "8", "--log-every", "2", "--ckpt-every", "4", "--warmup", "3"]
     run(["pretrain", "--out-dir", str(tmp_path / "full"), *common, "--steps", "8"])
@@ -167,9 +189,9 @@ def test_probe_writes_the_grid_and_cached_features_equal_recomputed_ones(ddpm_ru
     out, _, p = ddpm_run
     grid = json.load(open(out / "probe" / "grid.json"))
     names = models.UNet(**json.load(open(out / "ckpt" / "config.json"))["unet"]).layer_names()
-    assert grid["layers"] == names == p["layers"] and grid["t"] == [0, 100]
+    assert grid["layers"] == names == p["layers"] and grid["t"] == [1, 101]
     assert len(grid["accuracy"]) == len(names) and all(len(r) == 2 for r in grid["accuracy"])
-    assert (out / "probe" / "heatmap.png").exists() and open(out / "probe" / "grid.csv").readline().strip() == "layer,0,100"
+    assert (out / "probe" / "heatmap.png").exists() and open(out / "probe" / "grid.csv").readline().strip() == "layer,1,101"
     for k in ("probe_best_acc", "probe_best_layer", "probe_best_t", "raw_pixel_acc", "chance"):
         assert k in json.load(open(out / "probe" / "metrics.json"))
     assert p["probe_best_acc"] == max(max(r) for r in grid["accuracy"]) > p["chance"]
@@ -179,13 +201,13 @@ def test_probe_writes_the_grid_and_cached_features_equal_recomputed_ones(ddpm_ru
     dist = training.setup_distributed("cpu")
     net, obj, space, train, test, _ = dp.load_backbone(args, dist)
     train, test = dp._labeled_sets(args, train, test)
-    i, layer, level = 7, names[7], 100
+    i, layer, level = 7, names[7], 101
     tr = [dp.extract_features(net, obj, space, train, level, [layer], 0, dist, 256, v)[layer] for v in range(2)]
     te = dp.extract_features(net, obj, space, test, level, [layer], dp.TEST_SEED, dist, 256, 0)[layer]
     acc = dp.train_linear_heads([[f] for f in tr], train.labels, [te], test.labels, 10, epochs=5)[0].item()
     assert acc == grid["accuracy"][i][1]
     # a second run reads the cache (same figures)
-    again = run(["probe", "--ckpt", str(out / "ckpt"), "--out-dir", str(out / "probe2"), *SMALL, "--t", "0", "100",
+    again = run(["probe", "--ckpt", str(out / "ckpt"), "--out-dir", str(out / "probe2"), *SMALL, "--t", "1", "101",
                  "--views", "2", "--probe-epochs", "5", "--cache-dir", str(out / "cache"), "--no-raw-pixel"])
     assert again["probe_best_acc"] == p["probe_best_acc"] and again["raw_pixel_acc"] is None
 
@@ -202,7 +224,7 @@ def test_heads_trained_together_equal_heads_trained_alone():
 
 def test_bench_grid_is_faster_than_one_run_per_cell_and_agrees(ddpm_run):
     out, _, _ = ddpm_run
-    r = dp.bench_grid(str(out / "ckpt"), layers=["down.1", "mid", "up.2"], t=[0, 100], labels_per_class=5, n_test=50, probe_epochs=3)
+    r = dp.bench_grid(str(out / "ckpt"), layers=["down.1", "mid", "up.2"], t=[1, 101], labels_per_class=5, n_test=50, probe_epochs=3)
     assert r["cells"] == 6 and r["max_abs_acc_diff"] == 0.0 and r["ratio"] > 1.2
 
 
@@ -218,7 +240,7 @@ def test_align_metrics_are_bounded_and_ranked_against_the_grid(ddpm_run, tmp_pat
     assert (A[:, 0] < A[:, 1]).float().mean() > 0.5  # less noise: closer positive pairs, for most layers
     for k in ("spearman_alignment", "spearman_uniformity", "spearman_align_plus_uniform"):
         assert m[k] is None or -1 <= m[k] <= 1
-    assert set(m["spearman_per_t"]) == {"0", "100"} and (tmp_path / "alignment.png").exists()
+    assert set(m["spearman_per_t"]) == {"1", "101"} and (tmp_path / "alignment.png").exists()
 
 
 def test_finetune_from_pretrained_and_from_scratch(ddpm_run, tmp_path):
@@ -240,9 +262,9 @@ def test_finetune_from_pretrained_and_from_scratch(ddpm_run, tmp_path):
 def test_noisy_classifier_per_noise_level(ddpm_run, tmp_path):
     out, _, _ = ddpm_run
     m = run(["noisy", "--ckpt", str(out / "ckpt"), "--layer", "mid", "--out-dir", str(tmp_path), *SMALL,
-             "--steps", "30", "--batch-size", "20", "--log-every", "10", "--t", "0", "500", "999"])
+             "--steps", "30", "--batch-size", "20", "--log-every", "10", "--t", "1", "500", "1000"])
     j = json.load(open(tmp_path / "noisy.json"))
-    assert j["t"] == [0, 500, 999] and len(j["accuracy"]) == 3 and (tmp_path / "noisy_curve.png").exists()
+    assert j["t"] == [1, 500, 1000] and len(j["accuracy"]) == 3 and (tmp_path / "noisy_curve.png").exists()
     sd = load_file(tmp_path / "ckpt" / "model.safetensors")
     pre = load_file(out / "ckpt" / "ema.safetensors")
     assert torch.equal(sd["trunk.stem.weight"], pre["stem.weight"])  # the DDAE stays frozen
@@ -255,7 +277,7 @@ def test_sample_fid_over_checkpoints_against_probe_accuracy(ddpm_run, tmp_path):
     out, _, _ = ddpm_run
     args = dp.build_parser().parse_args(
         ["sample", "--ckpts", str(out / "ckpt_0000015"), str(out / "ckpt_0000030"), "--out-dir", str(tmp_path), "--fid",
-         "--n-fid", "80", "--batch-size", "40", "--sampler", "ddim", "--sample-steps", "5", "--probe", "--t", "0",
+         "--n-fid", "80", "--batch-size", "40", "--sampler", "ddim", "--sample-steps", "5", "--probe", "--t", "1",
          "--layers", "mid", "up.1", "--views", "1", "--probe-epochs", "2", "--labels-per-class", "5", "--n-test", "50",
          "--device", "cpu"])
     m = dp.sample(args, feature_extractor=TinyFeatures())
@@ -320,7 +342,7 @@ def test_a_repcond_dit_checkpoint_is_probed_per_block(tmp_path):
 
 def test_bare_pipeline_writes_the_documented_metrics(tmp_path):
     m = run(["--out-dir", str(tmp_path), "--steps", "10", "--batch-size", "16", "--image-size", "16", "--labels-per-class", "5",
-             "--n-test", "50", "--t", "0", "100", "--views", "1", "--device", "cpu"])
+             "--n-test", "50", "--t", "1", "101", "--views", "1", "--device", "cpu"])
     saved = json.load(open(tmp_path / "metrics.json"))
     for k in ("probe_best_acc", "probe_best_layer", "probe_best_t", "raw_pixel_acc", "chance", "pretrain_eval_loss", "total_s"):
         assert k in saved and saved[k] == m[k]
@@ -334,7 +356,9 @@ def test_clear_errors(tmp_path, ddpm_run):
     with pytest.raises(UserError, match="--layers"):
         run(["probe", "--ckpt", str(out / "ckpt"), "--layers", "up.99", "--device", "cpu"])
     with pytest.raises(UserError, match="ddpm timesteps"):
-        run(["probe", "--ckpt", str(out / "ckpt"), "--t", "1000", "--device", "cpu"])
+        run(["probe", "--ckpt", str(out / "ckpt"), "--t", "1001", "--device", "cpu"])
+    with pytest.raises(UserError, match="counted from 1"):  # the paper's t: 0 is not a DDAE timestep
+        run(["probe", "--ckpt", str(out / "ckpt"), "--t", "0", "--device", "cpu"])
     with pytest.raises(UserError, match="--layer NAME"):
         run(["finetune", "--ckpt", str(out / "ckpt"), "--device", "cpu", "--steps", "1"])
     with pytest.raises(UserError, match="network takes"):
