@@ -285,6 +285,63 @@ def train_linear_heads(train_views, train_y, test_feats, test_y, num_classes, ep
         return (correct / Xt.shape[1]).cpu()
 
 
+def _official_batches(ds, epoch, seed, per_rank, dist):
+    """One epoch of DDAE's official probe loader on this rank: a fresh permutation, and per image a fresh random crop
+    (zero padding 4, torchvision's RandomCrop(32, 4)) and flip, all drawn from (seed, epoch); per_rank images per rank
+    and step (DistributedSampler + batch 128 per GPU), the last short batch kept. Latents: a flip picks the flipped
+    image's latents. Yields (x (B, C, H, W) model-space input before Space.encode, y (B,))."""
+    g, n = data.keyed_generator(seed, epoch), len(ds)
+    perm, flip, shift = torch.randperm(n, generator=g), torch.rand(n, generator=g) < 0.5, torch.randint(0, 9, (n, 2), generator=g)
+    step = per_rank * dist.world_size
+    for s in range(0, n, step):
+        rows = slice(s + dist.rank * per_rank, min(s + (dist.rank + 1) * per_rank, n))
+        idx = perm[rows]
+        if len(idx) == 0:
+            continue
+        y = ds.labels[idx].to(dist.device)
+        if ds.latents is not None:
+            f = flip[rows].view(-1, 1, 1, 1)
+            x = torch.where(f, ds.latents["mean_flip"][idx], ds.latents["mean"][idx]).float().to(dist.device) * ds.scaling_factor
+        else:
+            x = data.to_float(data.crop_flip(ds.images[idx].to(dist.device), shift[rows].to(dist.device),
+                                             flip[rows].to(dist.device), 4, zeros=True))
+        yield x, y
+
+
+def official_linear_probe(featurize, dims, space, train, test_feats, test_y, num_classes, args, dist, seed):
+    """DDAE's official linear probe (linear.py) for H heads fed by one forward: per head a plain nn.Linear(D_h, K) with
+    PyTorch's default init on the raw pooled feature; every step a fresh random crop (zero padding 4) + flip and fresh
+    noise (featurize draws it); Adam lr = --probe-lr x world size, batch --probe-batch-size per process; cosine over
+    --probe-epochs stepped once per epoch (CosineAnnealingLR(T_max=epochs)); gradients averaged across processes (DDP).
+    featurize(z0 (B, ...), g) -> list of H (B, D_h) features; dims: the D_h; test_feats: H (M, D_h) features of the test
+    split, test_y (M,) its labels. Heads share batches and sum their losses; Adam is element-wise, so each trains as it would alone.
+    -> ((H,) test accuracies, the trained heads)."""
+    torch.manual_seed(seed)
+    heads = nn.ModuleList([nn.Linear(d, num_classes) for d in dims]).to(dist.device)
+    lr = args.probe_lr * dist.world_size
+    opt = torch.optim.Adam(heads.parameters(), lr=lr)
+    step = 0
+    for epoch in range(args.probe_epochs):
+        for group in opt.param_groups:  # CosineAnnealingLR stepped after each epoch
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / args.probe_epochs))
+        for x, y in _official_batches(train, epoch, seed, args.probe_batch_size, dist):
+            g = step_generator(seed + 7_777_777, step, dist.device)
+            with torch.no_grad():
+                feats = featurize(space.encode(x, generator=False), g)
+            with torch.enable_grad():
+                loss = sum(F.cross_entropy(h(f), y) for h, f in zip(heads, feats))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            if dist.world_size > 1:
+                for prm in heads.parameters():
+                    torch.distributed.all_reduce(prm.grad)
+                    prm.grad /= dist.world_size
+            opt.step()
+            step += 1
+    with torch.no_grad():
+        return torch.tensor([(h(f.to(dist.device)).argmax(1) == test_y).float().mean().item() for h, f in zip(heads, test_feats)]), heads
+
+
 def spearman(a, b):
     """Spearman rank correlation (ties get their mean rank); None when either side is constant."""
     def rank(x):
@@ -469,15 +526,33 @@ TEST_SEED = 500_009  # the test split's noise is drawn from seed + TEST_SEED (ne
 
 
 def run_grid(net, obj, space, train, test, layers, levels, args, dist, cache=None):
-    """Linear-probe accuracy of every (layer, level) cell: per level ONE extraction pass per view for all layers,
-    then all the layers' heads trained together (train_linear_heads). -> (accuracy (L, T), timings)."""
+    """Linear-probe accuracy of every (layer, level) cell. --protocol cached: per level ONE extraction pass per view for
+    all layers, then all the layers' heads trained together (train_linear_heads); official: DDAE's linear.py, a forward
+    per step with fresh noise and augmentation (official_linear_probe), all layers' heads on it.
+    -> (accuracy (L, T), timings)."""
     amp = resolve_amp(args.amp, dist.device)
     cache = cache or FeatureCache(None, "")
     ytr, yte = train.labels.to(dist.device), test.labels.to(dist.device)
     acc, t_ext, t_heads = np.zeros((len(layers), len(levels))), 0.0, 0.0
     bar = Progress("probe grid", len(levels), dist, every=0.0) if len(layers) * len(levels) > 1 else None
+    channels, stop = {name: c for name, c, _ in net.layers}, max(layers, key=net.layer_names().index)
     for j, level in enumerate(levels):
         t0 = time.time()
+        if getattr(args, "protocol", "cached") == "official":
+            te = cache.get("test", level, 0, partial(extract_features, net, obj, space, test, level, layers, args.seed + TEST_SEED,
+                                                     dist, args.batch_size, 0, amp))
+            with LayerTap(net, layers) as tap:
+                def featurize(z0, g, level=level):
+                    eps = torch.randn(z0.shape, generator=g, device=g.device).to(z0.device)
+                    x_in, cond = obj.net_input(z0, torch.full((len(z0),), float(level), device=z0.device), eps)
+                    with autocast(amp, dist.device):
+                        net(x_in.to(memory_format=mem_format(x_in)), cond, stop_at=stop)
+                    return [tap.feats[n] for n in layers]
+                acc[:, j] = official_linear_probe(featurize, [channels[n] for n in layers], space, train, [te[n] for n in layers],
+                                                  yte, len(train.classes), args, dist, args.seed)[0].numpy()
+            t_heads += time.time() - t0
+            bar and bar.update(1, f" | t = {level:g}: best layer {layers[int(acc[:, j].argmax())]} {acc[:, j].max():.3f}")
+            continue
         tr = [cache.get("train", level, v, partial(extract_features, net, obj, space, train, level, layers, args.seed, dist,
                                                    args.batch_size, v, amp)) for v in range(args.views)]
         te = cache.get("test", level, 0, partial(extract_features, net, obj, space, test, level, layers, args.seed + TEST_SEED,
@@ -491,7 +566,11 @@ def run_grid(net, obj, space, train, test, layers, levels, args, dist, cache=Non
 
 
 def raw_pixel_probe(space, train, test, args, dist):
-    """The same protocol (views, epochs, optimizer) on the raw model input: pixels (or latents) flattened."""
+    """The same protocol (views or official, epochs, optimizer) on the raw model input: pixels (or latents) flattened."""
+    if getattr(args, "protocol", "cached") == "official":
+        te = extract_pixels(space, test, args.seed + TEST_SEED, dist, args.batch_size, 0)
+        return float(official_linear_probe(lambda z0, g: [z0.float().flatten(1)], [te.shape[1]], space, train, [te],
+                                           test.labels.to(dist.device), len(train.classes), args, dist, args.seed)[0][0])
     tr = [extract_pixels(space, train, args.seed, dist, args.batch_size, v) for v in range(args.views)]
     te = extract_pixels(space, test, args.seed + TEST_SEED, dist, args.batch_size, 0)
     return float(train_linear_heads([[x] for x in tr], train.labels.to(dist.device), [te], test.labels.to(dist.device),
@@ -521,14 +600,14 @@ def probe(args):
     i, j = np.unravel_index(np.argmax(acc), acc.shape)  # first maximum: the earliest layer, then the lowest t
     K = len(train.classes)
     metrics = {"probe_best_acc": float(acc[i, j]), "probe_best_layer": layers[i], "probe_best_t": levels[j],
-               "raw_pixel_acc": raw, "chance": 1.0 / K, "objective": obj.kind, "t_means": "sigma" if obj.kind == "edm" else "timestep",
+               "protocol": args.protocol, "raw_pixel_acc": raw, "chance": 1.0 / K, "objective": obj.kind, "t_means": "sigma" if obj.kind == "edm" else "timestep",
                "n_train": len(train), "n_test": len(test), "views": args.views, "probe_epochs": args.probe_epochs,
                "layers": layers, "t": levels, "grid_s": grid_s, **timing}
     if dist.is_main:
         os.makedirs(args.out_dir, exist_ok=True)
         RunLog(args.out_dir, dist, dict(stage="probe", ckpt=args.ckpt, args=vars(args))).metrics(metrics)
         save_json(os.path.join(args.out_dir, "grid.json"), {"layers": layers, "t": levels, "t_means": metrics["t_means"],
-                                                            "accuracy": acc.tolist(), "raw_pixel_acc": raw, "chance": 1.0 / K,
+                                                            "accuracy": acc.tolist(), "protocol": args.protocol, "raw_pixel_acc": raw, "chance": 1.0 / K,
                                                             "best": {"layer": layers[i], "t": levels[j], "accuracy": float(acc[i, j])}})
         with open(os.path.join(args.out_dir, "grid.csv"), "w", newline="") as f:
             w = csv.writer(f)
@@ -557,6 +636,36 @@ def _cell_from_args(args, net, obj, need_t=True):
     return layer, obj.check_levels([level])[0] if need_t else None
 
 
+def uniformity_all_pairs(a, t=2.0, chunk_elems=1 << 24):
+    """Wang & Isola's uniformity over every pair, log mean_{i<j} exp(-t ||a_i - a_j||^2), of a (N, D) float64, without the
+    N^2 matrix: rows in chunks of about chunk_elems / N, float64 sums. Equals torch.pdist(a).pow(2).mul(-t).exp().mean().log()
+    (the paper's formula) up to rounding; needs N >= 2."""
+    a = a.double()
+    n, sq = a.shape[0], a.pow(2).sum(1)  # (N,)
+    rows = max(1, chunk_elems // max(n, 1))
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for s in range(0, n - 1, rows):
+        e = min(s + rows, n)
+        d2 = (sq[s:e, None] + sq[None, :] - 2 * a[s:e] @ a.T).clamp_min(0)  # (rows, N) squared distances
+        upper = torch.arange(n, device=a.device)[None, :] > torch.arange(s, e, device=a.device)[:, None]  # pairs i < j once
+        total += torch.where(upper, (-t * d2).exp(), torch.zeros((), dtype=torch.float64, device=a.device)).sum()
+    return (total / (n * (n - 1) / 2)).log().item()
+
+
+def uniformity_per_batch(a, b, batch_size=128, t=2.0):
+    """DDAE's official estimator (contrastive.py): the training set in order in batches of batch_size (the global batch of
+    its gathered DDP batches, 128 per GPU), per batch the mean of the two noisings' uniformity torch.pdist(x).pow(2)
+    .mul(-t).exp().mean().log(), averaged over batches weighted by their size. a, b: (N, D) L2-normalised features."""
+    total, n = 0.0, a.shape[0]
+    for s in range(0, n, batch_size):
+        xa, xb = a[s:s + batch_size].double(), b[s:s + batch_size].double()
+        if len(xa) < 2:
+            continue
+        u = 0.5 * (torch.pdist(xa).pow(2).mul(-t).exp().mean().log() + torch.pdist(xb).pow(2).mul(-t).exp().mean().log())
+        total += u.item() * len(xa)
+    return total / sum(len(a[s:s + batch_size]) for s in range(0, n, batch_size) if len(a[s:s + batch_size]) >= 2)
+
+
 def align(args):
     """Label-free alignment (eq. 3) and uniformity (eq. 4) of every layer's L2-normalised features at each t:
     two independent noisings of the same training image are the positive pair. With --grid, the Spearman rank
@@ -570,15 +679,22 @@ def align(args):
     levels = obj.check_levels(args.t or (grid["t"] if grid else obj.default_levels()))
     amp = resolve_amp(args.amp, dist.device)
     A, U = np.zeros((len(layers), len(levels))), np.zeros((len(layers), len(levels)))
+    U_batch = np.zeros((len(layers), len(levels)))
     for j, level in enumerate(levels):
         f1 = extract_features(net, obj, space, train, level, layers, args.seed, dist, args.batch_size, 0, amp)
         f2 = extract_features(net, obj, space, train, level, layers, args.seed + 1, dist, args.batch_size, 0, amp)
         for i, name in enumerate(layers):
             a, b = F.normalize(f1[name].double(), dim=1), F.normalize(f2[name].double(), dim=1)
             A[i, j] = (a - b).pow(2).sum(1).mean().item()  # alpha = 2
-            U[i, j] = torch.pdist(a).pow(2).mul(-2).exp().mean().log().item()  # t = 2
-    out = {"layers": layers, "t": levels, "alignment": A.tolist(), "uniformity": U.tolist(), "n": len(train)}
-    metrics = {"n": len(train), "layers": layers, "t": levels}
+            U[i, j] = uniformity_all_pairs(a)  # t = 2, every pair of the first noising, chunked (no N^2 matrix)
+            U_batch[i, j] = uniformity_per_batch(a, b, args.align_batch_size)
+    estimators = {"uniformity": "all pairs of the n images (first noising), chunked float64",
+                  "uniformity_per_batch": f"official contrastive.py: per batch of {args.align_batch_size} in order, mean of both "
+                                          f"noisings, averaged over batches",
+                  "alignment": "mean over the n images (= the official per-batch average)"}
+    out = {"layers": layers, "t": levels, "alignment": A.tolist(), "uniformity": U.tolist(), "uniformity_per_batch": U_batch.tolist(),
+           "estimators": estimators, "n": len(train)}
+    metrics = {"n": len(train), "layers": layers, "t": levels, "estimators": estimators}
     if grid:
         acc = np.array(grid["accuracy"])
         cells = [(i, j, grid["layers"].index(n), grid["t"].index(t)) for i, n in enumerate(layers) for j, t in enumerate(levels)
@@ -588,6 +704,7 @@ def align(args):
         pa = [acc[gi, gj] for _, _, gi, gj in cells]
         metrics["spearman_alignment"] = spearman([A[i, j] for i, j, _, _ in cells], pa)
         metrics["spearman_uniformity"] = spearman([U[i, j] for i, j, _, _ in cells], pa)
+        metrics["spearman_uniformity_per_batch"] = spearman([U_batch[i, j] for i, j, _, _ in cells], pa)
         metrics["spearman_align_plus_uniform"] = spearman([A[i, j] + U[i, j] for i, j, _, _ in cells], pa)
         per_t = {}
         for j, t in enumerate(levels):
@@ -599,7 +716,8 @@ def align(args):
                                    "metric_best_layer": layers[min(cj, key=lambda c: A[c[0], j] + U[c[0], j])[0]],
                                    "probe_best_layer": grid["layers"][max(cj, key=lambda c: acc[c[2], c[3]])[2]]}
         metrics["spearman_per_t"] = per_t
-        out.update({k: metrics[k] for k in ("spearman_alignment", "spearman_uniformity", "spearman_align_plus_uniform", "spearman_per_t")})
+        out.update({k: metrics[k] for k in ("spearman_alignment", "spearman_uniformity", "spearman_uniformity_per_batch",
+                                            "spearman_align_plus_uniform", "spearman_per_t")})
     if dist.is_main:
         os.makedirs(args.out_dir, exist_ok=True)
         RunLog(args.out_dir, dist, dict(stage="align", args=vars(args))).metrics(metrics)
@@ -868,7 +986,7 @@ def bench_grid(ckpt=None, dit_path=None, data_spec=None, t=None, layers=None, la
     naive: per (layer, level) cell, a forward per (view, batch) hooking that layer only (stopping after it,
            as the grid stops after its deepest layer), then one head trained alone.
     Both give the same accuracies (checked: max_abs_acc_diff). -> dict with grid_s, naive_s, ratio, cells."""
-    argv = ["probe", "--device", device, "--seed", str(seed), "--views", str(views), "--probe-epochs", str(probe_epochs),
+    argv = ["probe", "--protocol", "cached", "--device", device, "--seed", str(seed), "--views", str(views), "--probe-epochs", str(probe_epochs),
             "--batch-size", str(batch_size), "--labels-per-class", str(labels_per_class), "--n-test", str(n_test)]
     argv += ["--ckpt", ckpt or dit_path]
     argv += ["--data", data_spec] if data_spec else []
@@ -916,7 +1034,7 @@ def pipeline(args):
     pr = probe(build_parser().parse_args(
         ["probe", "--ckpt", f"{out}/pretrain/ckpt", "--out-dir", f"{out}/probe", "--device", args.device, "--seed", str(args.seed),
          "--views", str(args.views), "--labels-per-class", str(args.labels_per_class), "--n-test", str(args.n_test),
-         "--probe-lr", str(args.probe_lr), "--t", *map(str, levels)]))
+         "--probe-lr", str(args.probe_lr), "--protocol", "cached", "--t", *map(str, levels)]))
     metrics = {k: pr[k] for k in ("probe_best_acc", "probe_best_layer", "probe_best_t", "raw_pixel_acc", "chance",
                                   "objective", "t_means", "n_train", "n_test", "views", "layers", "t")}
     metrics.update(pretrain_eval_loss=pre["eval_loss"], pretrain_steps=args.steps, pretrain_s=t_mid - t_start,
@@ -949,10 +1067,15 @@ def add_probe_args(q):
                         "or edm sigmas (default: the official grid 1 11 21 and a sweep above it)")
     q.add_argument("--layers", nargs="+", default=None, help="layer names (default: every down, mid and up block); official "
                                                                "names too: DDAE's out_k, diffusers / guided-diffusion block paths")
-    q.add_argument("--views", type=int, default=4, help="cached views of the train set: view 0 as is, others random crop + flip")
+    q.add_argument("--protocol", default="official", choices=["official", "cached"],
+                   help="official: DDAE's linear.py (nn.Linear, default init, raw features, fresh noise + crop (zero pad 4) + "
+                        "flip every step, Adam lr x world size, batch per process, cosine per epoch); cached: the fast grid "
+                        "(--views cached views with fixed noise, standardised features, zero-init heads, reflect padding)")
+    q.add_argument("--views", type=int, default=4, help="--protocol cached: cached views of the train set: view 0 as is, "
+                                                        "others random crop + flip")
     q.add_argument("--probe-epochs", type=int, default=15)
     q.add_argument("--probe-lr", type=float, default=1e-3)
-    q.add_argument("--probe-batch-size", type=int, default=128)
+    q.add_argument("--probe-batch-size", type=int, default=128, help="official: per process (lr x world size); cached: global")
     q.add_argument("--cache-dir", default=None, help="keep features on disk (safetensors per split, t, view) instead of memory")
     q.add_argument("--no-raw-pixel", action="store_true", help="skip the raw-pixel baseline")
 
@@ -1004,7 +1127,8 @@ def build_parser():
     q.add_argument("--t", type=float, nargs="+", default=None)
     q.add_argument("--layers", nargs="+", default=None)
     q.add_argument("--grid", default=None, help="a probe run's grid.json: its layers, t and accuracies")
-    q.add_argument("--n-images", type=int, default=1000, help="training images used (label-free)")
+    q.add_argument("--n-images", type=int, default=1000, help="training images used (label-free; 0: all, the official 50k)")
+    q.add_argument("--align-batch-size", type=int, default=128, help="the official per-batch uniformity's batch (global)")
 
     q = sub.add_parser("finetune", help="truncate at a layer, fixed t, clean input, train end to end; vs scratch")
     add_backbone_args(q, "finetune", batch=False)

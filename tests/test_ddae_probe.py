@@ -20,6 +20,7 @@ from conftest import TinyFeatures
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--ch", "16", "--image-size", "16", "--device", "cpu"]  # ~0.28M params, 16x16 shapes
 SMALL = ["--labels-per-class", "10", "--n-test", "100", "--device", "cpu"]
+CACHED = ["--protocol", "cached"]  # the fast grid (the probe stage's default is the official protocol)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -87,7 +88,7 @@ def ddpm_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddpm")
     m = run(["pretrain", "--out-dir", str(out), *TINY, "--steps", "30", "--batch-size", "32", "--lr", "2e-3",
              "--warmup", "5", "--log-every", "5", "--snapshot-every", "15"])
-    p = run(["probe", "--ckpt", str(out / "ckpt"), "--out-dir", str(out / "probe"), *SMALL, "--t", "1", "101",
+    p = run(["probe", "--ckpt", str(out / "ckpt"), "--out-dir", str(out / "probe"), *SMALL, *CACHED, "--t", "1", "101",
              "--views", "2", "--probe-epochs", "5", "--cache-dir", str(out / "cache")])
     return out, m, p
 
@@ -197,7 +198,7 @@ def test_probe_writes_the_grid_and_cached_features_equal_recomputed_ones(ddpm_ru
     assert p["probe_best_acc"] == max(max(r) for r in grid["accuracy"]) > p["chance"]
     assert len(os.listdir(out / "cache")) == 2 * 3  # (train view 0, 1, test) x 2 levels
     # one cell recomputed from scratch: its own forward pass (one layer hooked), one head trained alone
-    args = dp.build_parser().parse_args(["probe", "--ckpt", str(out / "ckpt"), *SMALL, "--probe-epochs", "5"])
+    args = dp.build_parser().parse_args(["probe", "--ckpt", str(out / "ckpt"), *SMALL, *CACHED, "--probe-epochs", "5"])
     dist = training.setup_distributed("cpu")
     net, obj, space, train, test, _ = dp.load_backbone(args, dist)
     train, test = dp._labeled_sets(args, train, test)
@@ -207,9 +208,48 @@ def test_probe_writes_the_grid_and_cached_features_equal_recomputed_ones(ddpm_ru
     acc = dp.train_linear_heads([[f] for f in tr], train.labels, [te], test.labels, 10, epochs=5)[0].item()
     assert acc == grid["accuracy"][i][1]
     # a second run reads the cache (same figures)
-    again = run(["probe", "--ckpt", str(out / "ckpt"), "--out-dir", str(out / "probe2"), *SMALL, "--t", "1", "101",
+    again = run(["probe", "--ckpt", str(out / "ckpt"), "--out-dir", str(out / "probe2"), *SMALL, *CACHED, "--t", "1", "101",
                  "--views", "2", "--probe-epochs", "5", "--cache-dir", str(out / "cache"), "--no-raw-pixel"])
     assert again["probe_best_acc"] == p["probe_best_acc"] and again["raw_pixel_acc"] is None
+
+
+def test_official_crop_is_zero_padding_4_then_crop_and_flip():
+    """torchvision's RandomCrop(32, padding=4) (fill 0) + RandomHorizontalFlip, as DDAE's official datasets.py."""
+    x = torch.randint(1, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    shift, flip = torch.tensor([[0, 0], [8, 8], [4, 4], [1, 7], [6, 2]]), torch.tensor([True, False, True, False, True])
+    out = data.crop_flip(x, shift, flip, 4, zeros=True)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))  # zeros
+    for i in range(5):
+        ref = padded[i, :, shift[i, 0]:shift[i, 0] + 8, shift[i, 1]:shift[i, 1] + 8]
+        assert torch.equal(out[i], ref.flip(-1) if flip[i] else ref)
+
+
+def test_official_linear_probe_is_nn_linear_adam_and_cosine_per_epoch():
+    """The official protocol equals linear.py written out: nn.Linear with default init (same seed), Adam(lr), a
+    CosineAnnealingLR(T_max=epochs) stepped once per epoch, batches of 16 per process with the last short one kept."""
+    ds = data.load("shapes", "train", 8).subset(torch.arange(40))
+    space = dp.Space(ds, None, "cpu", "none")
+    args = dp.build_parser().parse_args(["probe", "--probe-epochs", "3", "--probe-lr", "1e-2", "--probe-batch-size", "16"])
+    dist = training.Dist()
+    feat = lambda z0, g: [z0.flatten(1)[:, :20] * 3]  # noqa: E731
+    te = torch.randn(10, 20)
+    acc, heads = dp.official_linear_probe(feat, [20], space, ds, [te], torch.zeros(10, dtype=torch.long), ds.num_classes, args, dist, 5)
+    torch.manual_seed(5)
+    ref = torch.nn.Linear(20, ds.num_classes)
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 3)
+    sizes = []
+    for e in range(3):
+        for x, y in dp._official_batches(ds, e, 5, 16, dist):
+            loss = torch.nn.functional.cross_entropy(ref(feat(space.encode(x, generator=False), None)[0]), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sizes.append(len(y))
+        sched.step()
+    assert sizes[:3] == [16, 16, 8]  # 40 images: the last short batch is kept (DistributedSampler, no drop_last)
+    assert torch.allclose(heads[0].weight, ref.weight, atol=1e-6) and torch.allclose(heads[0].bias, ref.bias, atol=1e-6)
+    assert acc[0].item() == (ref(te).argmax(1) == 0).float().mean().item()
 
 
 def test_heads_trained_together_equal_heads_trained_alone():
@@ -241,6 +281,21 @@ def test_align_metrics_are_bounded_and_ranked_against_the_grid(ddpm_run, tmp_pat
     for k in ("spearman_alignment", "spearman_uniformity", "spearman_align_plus_uniform"):
         assert m[k] is None or -1 <= m[k] <= 1
     assert set(m["spearman_per_t"]) == {"1", "101"} and (tmp_path / "alignment.png").exists()
+    Ub = torch.tensor(a["uniformity_per_batch"])
+    assert Ub.shape == (14, 2) and (Ub <= 0).all() and "chunked" in a["estimators"]["uniformity"]
+
+
+def test_uniformity_chunked_equals_pdist_and_the_per_batch_estimator_is_the_official_one():
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(300, 16, generator=g, dtype=torch.float64), dim=1)
+    b = torch.nn.functional.normalize(a + 0.1 * torch.randn(300, 16, generator=g, dtype=torch.float64), dim=1)
+    ref = torch.pdist(a).pow(2).mul(-2).exp().mean().log().item()
+    for chunk in (300, 1000, 1 << 24):  # 1 row, 3 rows, everything per chunk
+        assert abs(dp.uniformity_all_pairs(a, chunk_elems=chunk) - ref) < 1e-9
+    # contrastive.py: batches of 128 in order, (U(x_b) + U(y_b)) / 2 weighted by the batch size (128, 128, 44)
+    u = lambda x: torch.pdist(x).pow(2).mul(-2).exp().mean().log().item()  # noqa: E731
+    want = sum(n * (u(a[s:s + n]) + u(b[s:s + n])) / 2 for s, n in ((0, 128), (128, 128), (256, 44))) / 300
+    assert abs(dp.uniformity_per_batch(a, b, 128) - want) < 1e-12
 
 
 def test_finetune_from_pretrained_and_from_scratch(ddpm_run, tmp_path):
