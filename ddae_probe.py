@@ -794,16 +794,18 @@ def finetune(args):
 
 
 class NoisyClassifier(nn.Module):
-    """p_t(y | x_t) = g(f_t(x_t) + tau(t)) (paper eq. 5): the frozen DDAE truncated at one layer (pooled features,
-    standardised with fixed train statistics: an affine map that g and tau could absorb, for the optimiser's sake),
-    a timestep embedding tau (sinusoid + linear) and a 2-layer MLP g (d, 2d, K)."""
-    def __init__(self, trunk, num_classes, tau_dim=128):
+    """p_t(y | x_t) = g(f_t(x_t) + tau(t)) (paper eq. 5) as the official noisy_classifier_DDAE.py builds it: the frozen DDAE
+    truncated at one layer (raw pooled features f, (N, d)), tau = DDAE's TimeEmbedding(d) of the raw official t (a
+    sinusoid of max(d/4, 4) channels, [sin, cos] with frequencies over half - 1, -> Linear -> SiLU -> Linear(d, d)),
+    g = Linear(d, 2d), SiLU, Linear(2d, K). mu/sd stay 0/1 unless --standardize sets them (then f is standardised
+    with fixed train statistics, an affine map g and tau could absorb)."""
+    def __init__(self, trunk, num_classes):
         super().__init__()
         d = trunk.layers[-1][1]
-        self.trunk, self.tau_dim = trunk.requires_grad_(False).eval(), tau_dim
+        self.trunk, self.emb_dim = trunk.requires_grad_(False).eval(), max(d // 4, 4)
         self.register_buffer("mu", torch.zeros(d))
         self.register_buffer("sd", torch.ones(d))
-        self.tau = nn.Linear(tau_dim, d)
+        self.tau = nn.Sequential(nn.Linear(self.emb_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, num_classes))
 
     def train(self, mode=True):
@@ -815,20 +817,49 @@ class NoisyClassifier(nn.Module):
         with torch.no_grad():
             return _pool(self.trunk(x_in, cond))  # (N, d)
 
-    def forward(self, x_in, cond, tau_in):
+    def forward(self, x_in, cond, t_raw):
         f = (self.features(x_in, cond) - self.mu) / self.sd
-        return self.mlp(f + self.tau(timestep_embedding(tau_in, self.tau_dim)))  # (N, K)
+        return self.mlp(f + self.tau(timestep_embedding(t_raw, self.emb_dim, sin_first=True, freq_shift=1)))  # (N, K)
+
+
+def heun_sigmas(obj, steps=18):
+    """EDM's sampling levels, ascending (steps,) float64: DDAE's official EDM t = 1..steps indexes them (EDM.perturb:
+    reversed(sample_schedule(steps))[t], t = 1 is sigma_min, t = steps is sigma_max)."""
+    i = torch.arange(steps, dtype=torch.float64)
+    lo, hi = obj.sigma_min ** (1 / obj.rho), obj.sigma_max ** (1 / obj.rho)
+    return ((hi + i / (steps - 1) * (lo - hi)) ** obj.rho).flip(0)
+
+
+def official_t(obj, level):
+    """The raw t the official noise-conditional classifier embeds: ddpm, the paper's t itself (1..T on a UNet); edm, the
+    1-based index of sigma among the 18 Heun sigmas (between them: interpolated in log sigma). level: (N,) -> (N,) float."""
+    if obj.kind != "edm":
+        return level.float()
+    grid = heun_sigmas(obj).log().to(level.device)
+    x = level.double().clamp(min=float(grid[0].exp()), max=float(grid[-1].exp())).log()
+    k = torch.searchsorted(grid, x).clamp(1, len(grid) - 1)
+    frac = (x - grid[k - 1]) / (grid[k] - grid[k - 1])
+    return (k + frac).float()  # grid[k - 1] is index k (1-based)
+
+
+def noisy_train_levels(obj, g, n, dist):
+    """The official training draw: ddpm t ~ U[1, T] (obj.random_levels, in the typed convention); edm one of the 18
+    Heun sigmas uniformly (t ~ U[1, 18])."""
+    if obj.kind != "edm":
+        return obj.random_levels(g, n, dist)
+    idx = draw_global(g, "randint", n, dist, high=18)
+    return heun_sigmas(obj).float().to(idx.device)[idx]
 
 
 @torch.no_grad()
 def _set_feature_stats(model, obj, space, ds, seed, batch_size, device, n=2048):
-    """The classifier's fixed feature standardisation: mean/std over up to n train images at random levels."""
+    """--standardize: the classifier's fixed feature standardisation, mean/std over up to n train images at random levels."""
     ds = ds.subset(torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n])
     feats = []
     for b, (x, _, _) in enumerate(data.iterate(ds, batch_size, device)):
         z0 = space.encode(x, generator=False)
         g = step_generator(seed + 1, b, z0.device)
-        level = obj.random_levels(g, len(z0), Dist(device=z0.device))
+        level = noisy_train_levels(obj, g, len(z0), Dist(device=z0.device))
         feats.append(model.features(*obj.net_input(z0, level, torch.randn(z0.shape, generator=g, device=g.device))))
     feats = torch.cat(feats)
     model.mu.copy_(feats.mean(0))
@@ -845,23 +876,24 @@ def noisy(args):
     K, amp = len(train.classes), resolve_amp(args.amp, dist.device)
     if args.t:
         levels = obj.check_levels(args.t)
-    elif obj.kind == "edm":
-        levels = [float(f"{s:.3g}") for s in np.geomspace(obj.sigma_min, obj.sigma_max, 10)]
+    elif obj.kind == "edm":  # the official test_timesteps 1..18: every Heun sigma
+        levels = heun_sigmas(obj).tolist()
     else:  # the official test_timesteps: every T/20 from the first (1, 51, ..., 951 of 1000)
         levels = [obj.first_t + k * (obj.T // 20) for k in range(20)] if obj.T >= 20 else list(range(obj.first_t, obj.T + obj.first_t))
     torch.manual_seed(args.seed)
     model = NoisyClassifier(net.truncated(layer), K).to(dist.device)
-    _set_feature_stats(model, obj, space, train, args.seed, args.eval_batch_size, dist.device)
+    if args.standardize:
+        _set_feature_stats(model, obj, space, train, args.seed, args.eval_batch_size, dist.device)
     loader = data.Loader(train, args.batch_size, dist.device, seed=args.seed, augment=True, crop_padding=4, flip=True,
                          rank=dist.rank, world_size=dist.world_size)
 
     def loss_fn(m, x, y, step):
         z0 = space.sample_z0(x, args.seed, step, dist)
         g = step_generator(args.seed, step, z0.device)
-        level = obj.random_levels(g, len(z0), dist)
+        level = noisy_train_levels(obj, g, len(z0), dist)
         eps = draw_global(g, "randn", len(z0), dist, *z0.shape[1:])
         x_in, cond = obj.net_input(z0, level, eps)
-        return F.cross_entropy(m(x_in, cond, obj.tau_input(level)).float(), y)
+        return F.cross_entropy(m(x_in, cond, official_t(obj, level)).float(), y)
     config = dict(stage="noisy", layer=layer, backbone=cfg, num_classes=K, args=vars(args))
     head = [p for n, p in model.named_parameters() if not n.startswith("trunk.")]
     model, _ = fit(model, loss_fn, loader, args, dist, args.out_dir, config, params=head)
@@ -876,11 +908,12 @@ def noisy(args):
                 lv = torch.full((len(z0),), float(level), device=z0.device)
                 x_in, cond = obj.net_input(z0, lv, torch.randn(z0.shape, generator=g, device=g.device).to(z0.device))
                 with autocast(amp, dist.device):
-                    pred = model(x_in, cond, obj.tau_input(lv)).argmax(1)
+                    pred = model(x_in, cond, official_t(obj, lv)).argmax(1)
                 correct += (pred == test.labels.to(z0.device)[idx]).sum().item()
                 n += len(idx)
             accs.append(correct / max(n, 1))
     metrics = {"layer": layer, "t": levels, "accuracy": accs, "t_means": "sigma" if obj.kind == "edm" else "timestep",
+               "official_t": [round(official_t(obj, torch.tensor([float(v)])).item(), 4) for v in levels],
                "mean_accuracy": float(np.mean(accs)), "chance": 1.0 / K, "steps": args.steps}
     if dist.is_main:
         RunLog(args.out_dir, dist).metrics(metrics)
@@ -1146,7 +1179,10 @@ def build_parser():
     q.set_defaults(ema_decay=0.999, batch_size=128)
     q.add_argument("--layer", default=None)
     q.add_argument("--grid", default=None, help="take --layer from a probe run's grid.json")
-    q.add_argument("--t", type=float, nargs="+", default=None, help="evaluation noise levels")
+    q.add_argument("--t", type=float, nargs="+", default=None, help="evaluation noise levels (default: the official ones, "
+                                                                     "ddpm t = 1, 51, ..., 951; edm the 18 Heun sigmas)")
+    q.add_argument("--standardize", action="store_true", help="standardise the frozen features with fixed train statistics "
+                                                              "(not official; helps the optimiser on small data)")
     q.add_argument("--eval-batch-size", type=int, default=256)
 
     q = sub.add_parser("sample", help="samples, FID, and FID vs best probe accuracy over --ckpts")

@@ -1,6 +1,7 @@
 """ddae_probe.py: UNet presets and hooks, both objectives, resume, torchrun, the probe grid (cached == recomputed),
 align, finetune, noisy, sample + FID over checkpoints, the DiT path, the bare pipeline and clear errors."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -320,6 +321,7 @@ def test_noisy_classifier_per_noise_level(ddpm_run, tmp_path):
              "--steps", "30", "--batch-size", "20", "--log-every", "10", "--t", "1", "500", "1000"])
     j = json.load(open(tmp_path / "noisy.json"))
     assert j["t"] == [1, 500, 1000] and len(j["accuracy"]) == 3 and (tmp_path / "noisy_curve.png").exists()
+    assert j["official_t"] == [1, 500, 1000]
     sd = load_file(tmp_path / "ckpt" / "model.safetensors")
     pre = load_file(out / "ckpt" / "ema.safetensors")
     assert torch.equal(sd["trunk.stem.weight"], pre["stem.weight"])  # the DDAE stays frozen
@@ -327,6 +329,31 @@ def test_noisy_classifier_per_noise_level(ddpm_run, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- sample, FID
+
+def test_noisy_classifier_time_embedding_and_levels_are_the_official_ones():
+    """noisy_classifier_DDAE.py: x + TimeEmbedding(dim)(t) on the raw t, TimeEmbedding written out from model/block.py;
+    EDM's t indexes the 18 Heun sigmas (t = 1: sigma_min)."""
+    net = models.UNet(**dict(models.UNet_models["tiny"], ch=16))
+    m = dp.NoisyClassifier(net.truncated("mid"), 10)
+    d = net.layers[[n for n, _, _ in net.layers].index("mid")][1]
+    t = torch.tensor([1.0, 11.0, 500.0, 1000.0])
+    half = d // 8  # TimeEmbedding.forward: half_dim = n_channels // 8, log(10000) / (half_dim - 1), cat(sin, cos)
+    e = t[:, None] * torch.exp(torch.arange(half) * -(math.log(10_000) / (half - 1)))[None]
+    emb = torch.cat((e.sin(), e.cos()), dim=1)
+    lin1, lin2 = m.tau[0], m.tau[2]
+    want = lin2(torch.nn.functional.silu(lin1(emb)))
+    got = m.tau(models.timestep_embedding(t, m.emb_dim, sin_first=True, freq_shift=1))
+    assert lin1.in_features == d // 4 and lin2.out_features == d and (got - want).abs().max().item() < 1e-6
+    assert [type(x) for x in m.mlp] == [torch.nn.Linear, torch.nn.SiLU, torch.nn.Linear] and m.mlp[0].out_features == 2 * d
+    assert torch.equal(m.mu, torch.zeros(d)) and torch.equal(m.sd, torch.ones(d))  # raw features
+    edm = models.EDMObjective()
+    i = torch.arange(18, dtype=torch.float64)  # EDM.sample_schedule(18), sigma_max -> sigma_min
+    sched = (80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    assert torch.allclose(dp.heun_sigmas(edm), sched.flip(0))
+    assert torch.allclose(dp.official_t(edm, sched.flip(0).float()), torch.arange(1, 19).float(), atol=1e-4)
+    ddpm = models.make_objective({"objective": "ddpm"}, first_t=1)
+    assert torch.equal(dp.official_t(ddpm, torch.tensor([11.0])), torch.tensor([11.0]))
+
 
 def test_sample_fid_over_checkpoints_against_probe_accuracy(ddpm_run, tmp_path):
     out, _, _ = ddpm_run
