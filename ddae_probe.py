@@ -938,7 +938,7 @@ def _ckpt_step(ckpt):
 
 def sample_one(ckpt, out_dir, args, dist, feature_extractor=None):
     """Samples of one UNet checkpoint (DDPM ancestral / DDIM, or EDM Heun), a PNG grid, and FID on --fid."""
-    net, obj, space, _, test, cfg = load_backbone(argparse.Namespace(**dict(vars(args), ckpt=ckpt)), dist)
+    net, obj, space, train, test, cfg = load_backbone(argparse.Namespace(**dict(vars(args), ckpt=ckpt)), dist)
     if not isinstance(net, UNet):
         raise UserError(f"--ckpt {ckpt}: sample needs a ddae_probe UNet checkpoint")
     n, amp = args.n_fid if args.fid else args.n_images, resolve_amp(args.amp, dist.device)
@@ -948,7 +948,7 @@ def sample_one(ckpt, out_dir, args, dist, feature_extractor=None):
         b = min(args.batch_size, n - s)
         y = (torch.arange(s, s + b, device=dist.device) % net.num_classes) if net.num_classes else None
         with autocast(amp, dist.device):
-            kw = {"method": args.sampler} if obj.kind == "ddpm" else {}
+            kw = {"method": args.sampler, "variance": args.variance} if obj.kind == "ddpm" else {}
             out.append(obj.sample(net, (b, *space.sample_shape), g, args.sample_steps, y=y, **kw).float())
     images = space.decode(torch.cat(out))
     os.makedirs(out_dir, exist_ok=True)
@@ -961,14 +961,15 @@ def sample_one(ckpt, out_dir, args, dist, feature_extractor=None):
         captions = [classes[k % net.num_classes] for k in range(min(64, n))] if net.num_classes else None
         save_image_grid(images[:64], os.path.join(out_dir, "samples.png"), captions=captions)
     if args.fid:
-        real = test.images[:n] if test.images is not None else \
-            data.to_uint8(space.decode(test.latents["mean"][:n].to(dist.device) * test.scaling_factor))
+        ref = train if args.fid_ref == "train" else test  # DDAE and EDM report FID against the 50k training images
+        real = ref.images[:n] if ref.images is not None else \
+            data.to_uint8(space.decode(ref.latents["mean"][:n].to(dist.device) * ref.scaling_factor))
         fake = data.to_uint8(images)
         if real.shape[1] == 1:
             real, fake = real.repeat(1, 3, 1, 1), fake.repeat(1, 3, 1, 1)
         r["fid"] = compute_fid(real, fake, out_dir, dist.device, feature_extractor=feature_extractor, dist=dist,
                                inception_path=args.inception_path)
-        r.update(fid_n_generated=len(fake), fid_n_reference=len(real), fid_reference="test split")
+        r.update(fid_n_generated=len(fake), fid_n_reference=len(real), fid_reference=f"{args.fid_ref} split")
     return r
 
 
@@ -1191,7 +1192,11 @@ def build_parser():
     q.set_defaults(batch_size=128)
     q.add_argument("--ckpts", nargs="+", default=None, help="several checkpoints (e.g. pretrain --snapshot-every)")
     q.add_argument("--n-images", type=int, default=64, help="images generated (without --fid)")
-    q.add_argument("--fid", action="store_true", help="FID (clean-fid) against the test split")
+    q.add_argument("--fid", action="store_true", help="FID (clean-fid) against --fid-ref")
+    q.add_argument("--fid-ref", default="train", choices=["train", "test"],
+                   help="FID's reference images: the training split (DDAE's and EDM's 50k) or the test split")
+    q.add_argument("--variance", default="beta", choices=["beta", "posterior"],
+                   help="ddpm ancestral variance: beta_t (Ho et al., DDAE's official sampler) or the posterior beta~_t")
     q.add_argument("--inception-path", default=None, help=f"FID's Inception weights ({INCEPTION_FILE}; default: clean-fid's cache)")
     q.add_argument("--n-fid", type=int, default=50_000)
     q.add_argument("--probe", action="store_true", help="also run the probe grid on each checkpoint")

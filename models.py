@@ -1043,8 +1043,11 @@ def diffusion_loss(model, diffusion, z0, step, seed, dist, y=None, class_dropout
 
 
 @torch.no_grad()
-def sample_loop(eps_fn, shape, diffusion, steps=50, method="ddim", device="cpu", generator=None, clip=None):
-    """DDPM (ancestral, respaced to `steps`) or DDIM (eta = 0) from pure noise. eps_fn(x, t) -> eps."""
+def sample_loop(eps_fn, shape, diffusion, steps=50, method="ddim", device="cpu", generator=None, clip=None, variance="posterior"):
+    """DDPM (ancestral, respaced to `steps`) or DDIM (eta = 0) from pure noise. eps_fn(x, t) -> eps. The ancestral step's
+    variance: "posterior" beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t) (improved DDPM's fixed small), or "beta"
+    sigma_t^2 = beta_t (Ho et al.'s choice on CIFAR-10, and DDAE's official DDPM.sample), with beta_t = 1 - abar_t /
+    abar_prev of the (respaced) chain; the mean is the posterior mean either way."""
     ts = torch.linspace(diffusion.T - 1, 0, steps, device=device).round().long()
     abar = diffusion.alphas_cumprod
     x = torch.randn(shape, device=device, generator=generator)
@@ -1060,7 +1063,7 @@ def sample_loop(eps_fn, shape, diffusion, steps=50, method="ddim", device="cpu",
         else:  # posterior q(x_prev | x_t, x0) of the respaced chain
             beta = 1 - a_t / a_prev
             mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0 + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)) * x
-            var = beta * (1 - a_prev) / (1 - a_t)
+            var = beta if variance == "beta" else beta * (1 - a_prev) / (1 - a_t)
             noise = torch.randn(shape, device=device, generator=generator)
             x = mean + (var.sqrt() * noise if i + 1 < len(ts) else 0)
     return x
@@ -1118,9 +1121,12 @@ class DDPMObjective:
         return sorted({self.first_t + min(self.T - 1, int(round(f * self.T))) for f in (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)})
 
     @torch.no_grad()
-    def sample(self, net, shape, generator, steps=None, y=None, method="ddpm"):
+    def sample(self, net, shape, generator, steps=None, y=None, method="ddpm", variance="beta"):
+        """Ancestral DDPM (sigma_t^2 = beta_t, as Ho et al. and DDAE's DDPM.sample; variance="posterior": beta~_t) or
+        DDIM, x0 clipped to [-1, 1] as the official pred_eps_."""
         eps_fn = lambda x, t: net(x, t.float(), y)[:, :shape[1]].float()  # noqa: E731
-        return sample_loop(eps_fn, shape, self.diffusion, steps or self.T, method, generator.device, generator, clip=1.0)
+        return sample_loop(eps_fn, shape, self.diffusion, steps or self.T, method, generator.device, generator, clip=1.0,
+                           variance=variance)
 
 
 class EDMObjective:

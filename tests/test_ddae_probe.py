@@ -365,9 +365,33 @@ def test_sample_fid_over_checkpoints_against_probe_accuracy(ddpm_run, tmp_path):
     m = dp.sample(args, feature_extractor=TinyFeatures())
     rows = m["rows"]
     assert [r["step"] for r in rows] == [15, 30] and all(r["fid"] >= 0 for r in rows)
+    assert all(r["fid_reference"] == "train split" and r["fid_n_reference"] == 80 for r in rows)  # DDAE/EDM: the training images
     assert all(0 <= r["probe_best_acc"] <= 1 for r in rows) and "spearman_fid_vs_probe" in m
     assert open(tmp_path / "fid_vs_probe.csv").readline().strip() == "step,fid,probe_best_acc,probe_best_layer,probe_best_t,ckpt"
     assert (tmp_path / "ckpt0" / "samples.png").exists() and (tmp_path / "fid.png").exists()
+
+
+def test_ddpm_ancestral_sampling_is_ho_et_al_with_sigma_squared_beta():
+    """DDAE's DDPM.sample written out (T = 10): x_{i-1} = 1/sqrt(alpha_i) (x_i - beta_i / sqrt(1 - abar_i) eps) + sqrt(beta_i) z,
+    no noise at the last step, x0 clipped to [-1, 1] first (pred_eps_). Same generator draws in the same order."""
+    T, shape = 10, (2, 3, 4, 4)
+    diffusion = models.Diffusion(T, 0.01, 0.2, scale_to_T=False)
+    eps_fn = lambda x, t: 0.3 * x + 0.01 * t.float().view(-1, 1, 1, 1)  # noqa: E731
+    got = models.sample_loop(eps_fn, shape, diffusion, T, "ddpm", generator=torch.Generator().manual_seed(0), clip=1.0, variance="beta")
+    abar = diffusion.alphas_cumprod.double()
+    beta = 1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).double()
+    for i in range(T - 1, -1, -1):
+        eps = eps_fn(x.float(), torch.full((2,), i)).double()
+        x0 = ((x - (1 - abar[i]).sqrt() * eps) / abar[i].sqrt()).clamp(-1, 1)
+        eps = (x - abar[i].sqrt() * x0) / (1 - abar[i]).sqrt()
+        z = torch.randn(shape, generator=g).double()
+        x = (x - beta[i] / (1 - abar[i]).sqrt() * eps) / (1 - beta[i]).sqrt() + (beta[i].sqrt() * z if i > 0 else 0)
+    assert (got.double() - x).abs().max().item() < 1e-4
+    post = models.sample_loop(eps_fn, shape, diffusion, T, "ddpm", generator=torch.Generator().manual_seed(0), clip=1.0)
+    assert (post.double() - x).abs().max().item() > 1e-3  # the posterior variance is a different sampler
+    assert dp.build_parser().parse_args(["sample"]).variance == "beta"
 
 
 # ---------------------------------------------------------------------------------------------- DiT
