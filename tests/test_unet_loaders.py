@@ -514,6 +514,8 @@ def test_repfusion_distills_from_a_public_unet(tmp_path, public_unets, fmt, laye
          "--out-dir", str(tmp_path / "d"), "--steps", "2", "--log-every", "1", "--t-policy", "fixed", "--t", "10",
          "--device", "cpu", "--student", "resnet18", "--width", "4", "--batch-size", "8"]))
     assert m["teacher_layer"] == ours and m["teacher_dim"] == dim and math.isfinite(m["final_feat_loss"])
+    if fmt == "diffusers":  # no --teacher-layer with a diffusers folder: the official teacher feature
+        assert rf.load_teacher(public_unets[fmt], None, "clean", "cpu", data_spec="shapes", image_size=16).layer == "mid.block2.conv2"
     with pytest.raises(UserError, match=r"images are \(3, 32, 32\), the UNet .* takes \(3, 16, 16\)"):
         rf.load_teacher(public_unets[fmt], layer, data_spec="shapes")
     with pytest.raises(UserError, match="a public UNet needs --data"):
