@@ -371,6 +371,23 @@ def _seed_step(seed, step, dist):
     GlobalDropout.rng = (step_generator(seed + 10 ** 6, step, dist.device), dist)
 
 
+# The official configs (FutureXiang/ddae config/*.yaml, train.py): lr = lrate x world size for a per-GPU batch, i.e.
+# a learning rate per sample of the global batch; warm-up in epochs (train.py: lr x min((ep + 1) / warm_epoch, 1)).
+OFFICIAL_PRETRAIN = {  # (objective, model): (lr per sample, warm-up epochs, dropout)
+    ("ddpm", "ddpm"): (1e-4 / 128, 13, 0.1),     # DDPM_ddpm.yaml: batch 128 / GPU, lrate 1e-4, warm_epoch 13
+    ("ddpm", "ddpmpp"): (1e-4 / 64, 13, 0.1),    # DDPM_ddpmpp.yaml: batch 64 / GPU, dropout 0.1
+    ("edm", "ddpm"): (1e-4 / 64, 200, 0.1),      # EDM_ddpm.yaml: batch 64 / GPU, warm_epoch 200 (10 Mimg of CIFAR-10)
+    ("edm", "ddpmpp"): (1e-4 / 64, 200, 0.13),   # EDM_ddpmpp.yaml: dropout 0.13
+}
+
+
+def official_pretrain_defaults(objective, model, batch_size, n_train):
+    """(lr, warm-up steps, dropout) the official configs imply for this global batch and data set size: the per-sample
+    learning rate times the batch, warm_epoch epochs of n_train images, the config's dropout (None: the preset's)."""
+    per_sample, warm_epochs, dropout = OFFICIAL_PRETRAIN.get((objective, model), (1e-4 / 128, 13, None))
+    return per_sample * batch_size, math.ceil(warm_epochs * n_train / batch_size), dropout
+
+
 def pretrain(args):
     """Unconditional (or --class-cond) diffusion training of a UNet preset with `fit` (EMA, AMP, compile, DDP,
     resume, checkpoints). --snapshot-every K also keeps a copy OUT_DIR/ckpt_STEP every K steps (for --ckpts)."""
@@ -390,8 +407,11 @@ def pretrain(args):
     if args.class_cond and (ds.labels is None or K == 0):
         raise UserError(f"--class-cond: --data {args.data} has no labels")
     unet = dict(UNet_models[args.model], in_channels=C, image_size=H, num_classes=K)
-    if args.dropout is not None:
-        unet["dropout"] = args.dropout
+    lr, warmup, dropout = official_pretrain_defaults(args.objective, args.model, args.batch_size, len(ds))
+    args.lr = lr if args.lr is None else args.lr
+    args.warmup = warmup if args.warmup is None else args.warmup
+    if args.dropout is not None or dropout is not None:
+        unet["dropout"] = args.dropout if args.dropout is not None else dropout
     if args.ch is not None:
         unet["ch"] = args.ch
     if len(args.beta_range) != 2 or not 0 < args.beta_range[0] < args.beta_range[1] < 1:
@@ -1136,7 +1156,9 @@ def build_parser():
     q = sub.add_parser("pretrain", help="diffusion pre-training of a UNet (ddpm or edm objective)")
     add_common_args(q, "runs/ddae/pretrain")
     add_train_args(q, steps=800_000, batch_size=128, lr=1e-4)
-    q.set_defaults(warmup=5000, ema_decay=None)  # ema: 0.9999 (ddpm) / 0.9993 (edm) when not given
+    # lr, warm-up and dropout from the official configs when not given (official_pretrain_defaults); ema 0.9999 (ddpm) /
+    # 0.9993 (edm)
+    q.set_defaults(lr=None, warmup=None, ema_decay=None)
     q.add_argument("--model", default="ddpm", choices=sorted(UNet_models))
     q.add_argument("--objective", default="ddpm", choices=["ddpm", "edm"])
     q.add_argument("--T", type=int, default=1000, help="ddpm: number of noise levels (the paper's ablation: 1000/512/256/64)")
@@ -1144,7 +1166,7 @@ def build_parser():
                    help="ddpm: linear beta schedule range (ablation: 1e-4 0.01 / 0.01 0.02)")
     q.add_argument("--p-mean", type=float, default=-1.2, help="edm: log-normal sigma mean")
     q.add_argument("--p-std", type=float, default=1.2, help="edm: log-normal sigma std")
-    q.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    q.add_argument("--dropout", type=float, default=None, help="default: the official config's (0.1; DDPM++ under edm 0.13)")
     q.add_argument("--ch", type=int, default=None, help="override the preset's base width")
     q.add_argument("--class-cond", action="store_true", help="class-conditional training (label embedding, null label)")
     q.add_argument("--class-dropout", type=float, default=0.1, help="with --class-cond: label dropout for CFG")

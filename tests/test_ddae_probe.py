@@ -175,6 +175,19 @@ def test_the_typed_t_is_the_papers_t_counted_from_1_as_the_official_code():
     assert models.make_objective({"objective": "ddpm"}).first_t == 0
 
 
+def test_pretrain_defaults_follow_the_official_configs(tmp_path):
+    """config/*.yaml + train.py on 4 GPUs: DDPM batch 128/GPU at 1e-4 x 4 with 13 warm-up epochs; EDM DDPM++ batch 64/GPU at
+    1e-4 x 4 with 200 warm-up epochs (10 Mimg) and dropout 0.13; DDPM++ under the DDPM objective dropout 0.1."""
+    lr, warm, drop = dp.official_pretrain_defaults("ddpm", "ddpm", 512, 50_000)
+    assert lr == pytest.approx(4e-4) and warm == 1270 and drop == 0.1
+    lr, warm, drop = dp.official_pretrain_defaults("edm", "ddpmpp", 256, 50_000)
+    assert lr == pytest.approx(4e-4) and warm * 256 == pytest.approx(10e6, rel=1e-4) and drop == 0.13
+    assert dp.official_pretrain_defaults("ddpm", "ddpmpp", 256, 50_000) == (pytest.approx(4e-4), 2540, 0.1)
+    run(["pretrain", "--out-dir", str(tmp_path), *TINY, "--steps", "1", "--batch-size", "16", "--log-every", "1"])
+    a = json.load(open(tmp_path / "ckpt" / "config.json"))["args"]
+    assert a["lr"] == pytest.approx(16e-4 / 128) and a["warmup"] == math.ceil(13 * 5000 / 16)  # shapes: 5000 train images
+
+
 def test_resume_is_exact_with_dropout(tmp_path):
     common = [*TINY, "--dropout", "0.1", "--batch-size", "8", "--log-every", "2", "--ckpt-every", "4", "--warmup", "3"]
     run(["pretrain", "--out-dir", str(tmp_path / "full"), *common, "--steps", "8"])
