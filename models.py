@@ -1104,10 +1104,6 @@ class DDPMObjective:
     def random_levels(self, g, n, dist):
         return draw_global(g, "randint", n, dist, high=self.T) + self.first_t
 
-    def tau_input(self, level):
-        """The noise-conditional classifier's timestep coordinate, in [0, 1000) for both objectives."""
-        return level.float() * (1000.0 / self.T)
-
     def check_levels(self, levels):
         lo, hi = self.first_t, self.T - 1 + self.first_t
         bad = [t for t in levels if t != int(t) or not lo <= t <= hi]
@@ -1175,10 +1171,6 @@ class EDMObjective:
         """Log-uniform over [sigma_min, sigma_max]: every level the sampler visits (noise-conditional classifier)."""
         u = draw_global(g, "rand", n, dist)
         return (math.log(self.sigma_min) + u * (math.log(self.sigma_max) - math.log(self.sigma_min))).exp()
-
-    def tau_input(self, level):
-        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
-        return (level.float().log() - lo) / (hi - lo) * 1000.0
 
     def check_levels(self, levels):
         bad = [s for s in levels if not s > 0]
