@@ -975,8 +975,9 @@ def keyed_generator(*keys, device="cpu"):
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def crop_flip(x, shift, flip, padding):
-    """Random crop with reflect padding, and horizontal flip, in one gather on the device.
+def crop_flip(x, shift, flip, padding, zeros=False):
+    """Random crop with reflect padding (zeros=True: zero padding, torchvision's RandomCrop(padding=4) as DDAE's
+    official probe uses it), and horizontal flip, in one gather on the device.
     x: uint8 (B, C, H, W); shift: (B, 2) row/column offsets in [0, 2*padding]; flip: bool (B,)."""
     B, C, H, W = x.shape
     rows = torch.arange(H, device=x.device) + (shift[:, :1] - padding)  # (B, H) source row of each output row
@@ -984,7 +985,11 @@ def crop_flip(x, shift, flip, padding):
     cols = torch.where(flip[:, None], cols.flip(1), cols)
     reflect = lambda i, n: (n - 1) - ((n - 1) - i.abs()).abs()  # -1 -> 1 and n -> n - 2, as reflect padding
     src = reflect(rows, H)[:, :, None] * W + reflect(cols, W)[:, None, :]  # (B, H, W) flat source pixel
-    return x.flatten(2).gather(2, src.flatten(1)[:, None].expand(B, C, H * W)).view(B, C, H, W)
+    out = x.flatten(2).gather(2, src.flatten(1)[:, None].expand(B, C, H * W)).view(B, C, H, W)
+    if zeros:  # a source outside the image is padding: 0
+        inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]  # (B, H, W)
+        out = out * inside[:, None].to(out.dtype)
+    return out
 
 
 class Loader:

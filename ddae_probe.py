@@ -9,13 +9,13 @@ average-pooled, are linearly separable. The best (layer, t) is found by a grid s
 
     python ddae_probe.py --out-dir runs/demo           # pretrain -> probe on `shapes`, CPU, a few minutes
     torchrun --nproc_per_node=8 ddae_probe.py pretrain --data cifar10 --model ddpm --objective ddpm
-    python ddae_probe.py probe --ckpt runs/x/ckpt --t 0 11 25 50 100 200 --out-dir runs/x/probe
+    python ddae_probe.py probe --ckpt runs/x/ckpt --t 1 11 21 51 101 201 --out-dir runs/x/probe
     python ddae_probe.py align --ckpt runs/x/ckpt --grid runs/x/probe/grid.json --out-dir runs/x/align
     python ddae_probe.py finetune --ckpt runs/x/ckpt --grid runs/x/probe/grid.json --out-dir runs/x/ft
     python ddae_probe.py noisy --ckpt runs/x/ckpt --grid runs/x/probe/grid.json --out-dir runs/x/noisy
     python ddae_probe.py sample --ckpts runs/x/ckpt_0050000 runs/x/ckpt_0100000 --fid --probe --out-dir runs/x/fvp
     python ddae_probe.py probe --ckpt DiT-XL-2-256x256.pt --data cifar10 --image-size 256 --vae-path sd-vae.safetensors
-    python ddae_probe.py probe --unet-path ddpm-cifar10-32 --data cifar10 --layers out_6 --t 10   # google/ddpm-cifar10-32
+    python ddae_probe.py probe --unet-path ddpm-cifar10-32 --data cifar10 --layers out_6 --t 11   # google/ddpm-cifar10-32
 
 Layer names (the probe grid's rows) follow the module paths, so `net.get_submodule(name)` is the block:
 `down.i` is the i-th block of the encoder path (res blocks, then a downsampler after every level but the
@@ -23,7 +23,9 @@ last), `mid` the bottleneck (res+attn, res), `up.i` the i-th block of the decode
 res blocks that read a skip, then an upsampler after every level but the last). A DiT's layers are
 `blocks.i`. Official names are accepted too (UNet.resolve_layer): DDAE's `out_k`, diffusers / guided-diffusion
 module paths. `--unet-path` reads a public UNet with its own schedule (models.load_unet). For `--objective edm` every "timestep t" of this script (flags, grids, JSON) is the noise
-level sigma itself; for ddpm it is the 0-based index into the beta schedule (t = 0: the least noise).
+level sigma itself; for ddpm it is the paper's timestep: on a UNet counted from 1 as DDAE's official code and the DDPM paper count it
+(t = 1: the least noise, schedule index t - 1; the official t = 11 is --t 11), on a DiT the 0-based index
+DiT's code uses.
 """
 import argparse
 import copy
@@ -283,6 +285,63 @@ def train_linear_heads(train_views, train_y, test_feats, test_y, num_classes, ep
         return (correct / Xt.shape[1]).cpu()
 
 
+def _official_batches(ds, epoch, seed, per_rank, dist):
+    """One epoch of DDAE's official probe loader on this rank: a fresh permutation, and per image a fresh random crop
+    (zero padding 4, torchvision's RandomCrop(32, 4)) and flip, all drawn from (seed, epoch); per_rank images per rank
+    and step (DistributedSampler + batch 128 per GPU), the last short batch kept. Latents: a flip picks the flipped
+    image's latents. Yields (x (B, C, H, W) model-space input before Space.encode, y (B,))."""
+    g, n = data.keyed_generator(seed, epoch), len(ds)
+    perm, flip, shift = torch.randperm(n, generator=g), torch.rand(n, generator=g) < 0.5, torch.randint(0, 9, (n, 2), generator=g)
+    step = per_rank * dist.world_size
+    for s in range(0, n, step):
+        rows = slice(s + dist.rank * per_rank, min(s + (dist.rank + 1) * per_rank, n))
+        idx = perm[rows]
+        if len(idx) == 0:
+            continue
+        y = ds.labels[idx].to(dist.device)
+        if ds.latents is not None:
+            f = flip[rows].view(-1, 1, 1, 1)
+            x = torch.where(f, ds.latents["mean_flip"][idx], ds.latents["mean"][idx]).float().to(dist.device) * ds.scaling_factor
+        else:
+            x = data.to_float(data.crop_flip(ds.images[idx].to(dist.device), shift[rows].to(dist.device),
+                                             flip[rows].to(dist.device), 4, zeros=True))
+        yield x, y
+
+
+def official_linear_probe(featurize, dims, space, train, test_feats, test_y, num_classes, args, dist, seed):
+    """DDAE's official linear probe (linear.py) for H heads fed by one forward: per head a plain nn.Linear(D_h, K) with
+    PyTorch's default init on the raw pooled feature; every step a fresh random crop (zero padding 4) + flip and fresh
+    noise (featurize draws it); Adam lr = --probe-lr x world size, batch --probe-batch-size per process; cosine over
+    --probe-epochs stepped once per epoch (CosineAnnealingLR(T_max=epochs)); gradients averaged across processes (DDP).
+    featurize(z0 (B, ...), g) -> list of H (B, D_h) features; dims: the D_h; test_feats: H (M, D_h) features of the test
+    split, test_y (M,) its labels. Heads share batches and sum their losses; Adam is element-wise, so each trains as it would alone.
+    -> ((H,) test accuracies, the trained heads)."""
+    torch.manual_seed(seed)
+    heads = nn.ModuleList([nn.Linear(d, num_classes) for d in dims]).to(dist.device)
+    lr = args.probe_lr * dist.world_size
+    opt = torch.optim.Adam(heads.parameters(), lr=lr)
+    step = 0
+    for epoch in range(args.probe_epochs):
+        for group in opt.param_groups:  # CosineAnnealingLR stepped after each epoch
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / args.probe_epochs))
+        for x, y in _official_batches(train, epoch, seed, args.probe_batch_size, dist):
+            g = step_generator(seed + 7_777_777, step, dist.device)
+            with torch.no_grad():
+                feats = featurize(space.encode(x, generator=False), g)
+            with torch.enable_grad():
+                loss = sum(F.cross_entropy(h(f), y) for h, f in zip(heads, feats))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            if dist.world_size > 1:
+                for prm in heads.parameters():
+                    torch.distributed.all_reduce(prm.grad)
+                    prm.grad /= dist.world_size
+            opt.step()
+            step += 1
+    with torch.no_grad():
+        return torch.tensor([(h(f.to(dist.device)).argmax(1) == test_y).float().mean().item() for h, f in zip(heads, test_feats)]), heads
+
+
 def spearman(a, b):
     """Spearman rank correlation (ties get their mean rank); None when either side is constant."""
     def rank(x):
@@ -312,6 +371,23 @@ def _seed_step(seed, step, dist):
     GlobalDropout.rng = (step_generator(seed + 10 ** 6, step, dist.device), dist)
 
 
+# The official configs (FutureXiang/ddae config/*.yaml, train.py): lr = lrate x world size for a per-GPU batch, i.e.
+# a learning rate per sample of the global batch; warm-up in epochs (train.py: lr x min((ep + 1) / warm_epoch, 1)).
+OFFICIAL_PRETRAIN = {  # (objective, model): (lr per sample, warm-up epochs, dropout)
+    ("ddpm", "ddpm"): (1e-4 / 128, 13, 0.1),     # DDPM_ddpm.yaml: batch 128 / GPU, lrate 1e-4, warm_epoch 13
+    ("ddpm", "ddpmpp"): (1e-4 / 64, 13, 0.1),    # DDPM_ddpmpp.yaml: batch 64 / GPU, dropout 0.1
+    ("edm", "ddpm"): (1e-4 / 64, 200, 0.1),      # EDM_ddpm.yaml: batch 64 / GPU, warm_epoch 200 (10 Mimg of CIFAR-10)
+    ("edm", "ddpmpp"): (1e-4 / 64, 200, 0.13),   # EDM_ddpmpp.yaml: dropout 0.13
+}
+
+
+def official_pretrain_defaults(objective, model, batch_size, n_train):
+    """(lr, warm-up steps, dropout) the official configs imply for this global batch and data set size: the per-sample
+    learning rate times the batch, warm_epoch epochs of n_train images, the config's dropout (None: the preset's)."""
+    per_sample, warm_epochs, dropout = OFFICIAL_PRETRAIN.get((objective, model), (1e-4 / 128, 13, None))
+    return per_sample * batch_size, math.ceil(warm_epochs * n_train / batch_size), dropout
+
+
 def pretrain(args):
     """Unconditional (or --class-cond) diffusion training of a UNet preset with `fit` (EMA, AMP, compile, DDP,
     resume, checkpoints). --snapshot-every K also keeps a copy OUT_DIR/ckpt_STEP every K steps (for --ckpts)."""
@@ -331,8 +407,11 @@ def pretrain(args):
     if args.class_cond and (ds.labels is None or K == 0):
         raise UserError(f"--class-cond: --data {args.data} has no labels")
     unet = dict(UNet_models[args.model], in_channels=C, image_size=H, num_classes=K)
-    if args.dropout is not None:
-        unet["dropout"] = args.dropout
+    lr, warmup, dropout = official_pretrain_defaults(args.objective, args.model, args.batch_size, len(ds))
+    args.lr = lr if args.lr is None else args.lr
+    args.warmup = warmup if args.warmup is None else args.warmup
+    if args.dropout is not None or dropout is not None:
+        unet["dropout"] = args.dropout if args.dropout is not None else dropout
     if args.ch is not None:
         unet["ch"] = args.ch
     if len(args.beta_range) != 2 or not 0 < args.beta_range[0] < args.beta_range[1] < 1:
@@ -430,7 +509,15 @@ def load_backbone(args, dist):
         raise UserError(f"--data {spec}: model inputs are {tuple(space.sample_shape)}, the network takes {want} "
                         f"(--image-size / --vae-path)")
     cfg["ident"] = f"{ident}:{os.path.getmtime(ident) if os.path.exists(ident) else 0}"
-    return net, make_objective(cfg, device), space, train, test, cfg
+    # the t a user types is the paper's: DDAE's UNets count DDPM timesteps from 1 (official DDPM.perturb), its DiT from 0
+    # (DiT's q_sample in the official DiT/linear.py)
+    return net, make_objective(cfg, device, first_t=paper_first_t(net)), space, train, test, cfg
+
+
+def paper_first_t(net):
+    """Where the typed DDPM t starts for this backbone, as DDAE's official code counts it: 1 for UNets (DDPM.py,
+    t in [1, T]: its t = 11 is schedule index 10), 0 for DiT (DiT/linear.py)."""
+    return 0 if isinstance(net, DiTBackbone) else 1
 
 
 def _labeled_sets(args, train, test):
@@ -459,15 +546,33 @@ TEST_SEED = 500_009  # the test split's noise is drawn from seed + TEST_SEED (ne
 
 
 def run_grid(net, obj, space, train, test, layers, levels, args, dist, cache=None):
-    """Linear-probe accuracy of every (layer, level) cell: per level ONE extraction pass per view for all layers,
-    then all the layers' heads trained together (train_linear_heads). -> (accuracy (L, T), timings)."""
+    """Linear-probe accuracy of every (layer, level) cell. --protocol cached: per level ONE extraction pass per view for
+    all layers, then all the layers' heads trained together (train_linear_heads); official: DDAE's linear.py, a forward
+    per step with fresh noise and augmentation (official_linear_probe), all layers' heads on it.
+    -> (accuracy (L, T), timings)."""
     amp = resolve_amp(args.amp, dist.device)
     cache = cache or FeatureCache(None, "")
     ytr, yte = train.labels.to(dist.device), test.labels.to(dist.device)
     acc, t_ext, t_heads = np.zeros((len(layers), len(levels))), 0.0, 0.0
     bar = Progress("probe grid", len(levels), dist, every=0.0) if len(layers) * len(levels) > 1 else None
+    channels, stop = {name: c for name, c, _ in net.layers}, max(layers, key=net.layer_names().index)
     for j, level in enumerate(levels):
         t0 = time.time()
+        if getattr(args, "protocol", "cached") == "official":
+            te = cache.get("test", level, 0, partial(extract_features, net, obj, space, test, level, layers, args.seed + TEST_SEED,
+                                                     dist, args.batch_size, 0, amp))
+            with LayerTap(net, layers) as tap:
+                def featurize(z0, g, level=level):
+                    eps = torch.randn(z0.shape, generator=g, device=g.device).to(z0.device)
+                    x_in, cond = obj.net_input(z0, torch.full((len(z0),), float(level), device=z0.device), eps)
+                    with autocast(amp, dist.device):
+                        net(x_in.to(memory_format=mem_format(x_in)), cond, stop_at=stop)
+                    return [tap.feats[n] for n in layers]
+                acc[:, j] = official_linear_probe(featurize, [channels[n] for n in layers], space, train, [te[n] for n in layers],
+                                                  yte, len(train.classes), args, dist, args.seed)[0].numpy()
+            t_heads += time.time() - t0
+            bar and bar.update(1, f" | t = {level:g}: best layer {layers[int(acc[:, j].argmax())]} {acc[:, j].max():.3f}")
+            continue
         tr = [cache.get("train", level, v, partial(extract_features, net, obj, space, train, level, layers, args.seed, dist,
                                                    args.batch_size, v, amp)) for v in range(args.views)]
         te = cache.get("test", level, 0, partial(extract_features, net, obj, space, test, level, layers, args.seed + TEST_SEED,
@@ -481,7 +586,11 @@ def run_grid(net, obj, space, train, test, layers, levels, args, dist, cache=Non
 
 
 def raw_pixel_probe(space, train, test, args, dist):
-    """The same protocol (views, epochs, optimizer) on the raw model input: pixels (or latents) flattened."""
+    """The same protocol (views or official, epochs, optimizer) on the raw model input: pixels (or latents) flattened."""
+    if getattr(args, "protocol", "cached") == "official":
+        te = extract_pixels(space, test, args.seed + TEST_SEED, dist, args.batch_size, 0)
+        return float(official_linear_probe(lambda z0, g: [z0.float().flatten(1)], [te.shape[1]], space, train, [te],
+                                           test.labels.to(dist.device), len(train.classes), args, dist, args.seed)[0][0])
     tr = [extract_pixels(space, train, args.seed, dist, args.batch_size, v) for v in range(args.views)]
     te = extract_pixels(space, test, args.seed + TEST_SEED, dist, args.batch_size, 0)
     return float(train_linear_heads([[x] for x in tr], train.labels.to(dist.device), [te], test.labels.to(dist.device),
@@ -511,14 +620,14 @@ def probe(args):
     i, j = np.unravel_index(np.argmax(acc), acc.shape)  # first maximum: the earliest layer, then the lowest t
     K = len(train.classes)
     metrics = {"probe_best_acc": float(acc[i, j]), "probe_best_layer": layers[i], "probe_best_t": levels[j],
-               "raw_pixel_acc": raw, "chance": 1.0 / K, "objective": obj.kind, "t_means": "sigma" if obj.kind == "edm" else "timestep",
+               "protocol": args.protocol, "raw_pixel_acc": raw, "chance": 1.0 / K, "objective": obj.kind, "t_means": "sigma" if obj.kind == "edm" else "timestep",
                "n_train": len(train), "n_test": len(test), "views": args.views, "probe_epochs": args.probe_epochs,
                "layers": layers, "t": levels, "grid_s": grid_s, **timing}
     if dist.is_main:
         os.makedirs(args.out_dir, exist_ok=True)
         RunLog(args.out_dir, dist, dict(stage="probe", ckpt=args.ckpt, args=vars(args))).metrics(metrics)
         save_json(os.path.join(args.out_dir, "grid.json"), {"layers": layers, "t": levels, "t_means": metrics["t_means"],
-                                                            "accuracy": acc.tolist(), "raw_pixel_acc": raw, "chance": 1.0 / K,
+                                                            "accuracy": acc.tolist(), "protocol": args.protocol, "raw_pixel_acc": raw, "chance": 1.0 / K,
                                                             "best": {"layer": layers[i], "t": levels[j], "accuracy": float(acc[i, j])}})
         with open(os.path.join(args.out_dir, "grid.csv"), "w", newline="") as f:
             w = csv.writer(f)
@@ -547,6 +656,36 @@ def _cell_from_args(args, net, obj, need_t=True):
     return layer, obj.check_levels([level])[0] if need_t else None
 
 
+def uniformity_all_pairs(a, t=2.0, chunk_elems=1 << 24):
+    """Wang & Isola's uniformity over every pair, log mean_{i<j} exp(-t ||a_i - a_j||^2), of a (N, D) float64, without the
+    N^2 matrix: rows in chunks of about chunk_elems / N, float64 sums. Equals torch.pdist(a).pow(2).mul(-t).exp().mean().log()
+    (the paper's formula) up to rounding; needs N >= 2."""
+    a = a.double()
+    n, sq = a.shape[0], a.pow(2).sum(1)  # (N,)
+    rows = max(1, chunk_elems // max(n, 1))
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for s in range(0, n - 1, rows):
+        e = min(s + rows, n)
+        d2 = (sq[s:e, None] + sq[None, :] - 2 * a[s:e] @ a.T).clamp_min(0)  # (rows, N) squared distances
+        upper = torch.arange(n, device=a.device)[None, :] > torch.arange(s, e, device=a.device)[:, None]  # pairs i < j once
+        total += torch.where(upper, (-t * d2).exp(), torch.zeros((), dtype=torch.float64, device=a.device)).sum()
+    return (total / (n * (n - 1) / 2)).log().item()
+
+
+def uniformity_per_batch(a, b, batch_size=128, t=2.0):
+    """DDAE's official estimator (contrastive.py): the training set in order in batches of batch_size (the global batch of
+    its gathered DDP batches, 128 per GPU), per batch the mean of the two noisings' uniformity torch.pdist(x).pow(2)
+    .mul(-t).exp().mean().log(), averaged over batches weighted by their size. a, b: (N, D) L2-normalised features."""
+    total, n = 0.0, a.shape[0]
+    for s in range(0, n, batch_size):
+        xa, xb = a[s:s + batch_size].double(), b[s:s + batch_size].double()
+        if len(xa) < 2:
+            continue
+        u = 0.5 * (torch.pdist(xa).pow(2).mul(-t).exp().mean().log() + torch.pdist(xb).pow(2).mul(-t).exp().mean().log())
+        total += u.item() * len(xa)
+    return total / sum(len(a[s:s + batch_size]) for s in range(0, n, batch_size) if len(a[s:s + batch_size]) >= 2)
+
+
 def align(args):
     """Label-free alignment (eq. 3) and uniformity (eq. 4) of every layer's L2-normalised features at each t:
     two independent noisings of the same training image are the positive pair. With --grid, the Spearman rank
@@ -560,15 +699,22 @@ def align(args):
     levels = obj.check_levels(args.t or (grid["t"] if grid else obj.default_levels()))
     amp = resolve_amp(args.amp, dist.device)
     A, U = np.zeros((len(layers), len(levels))), np.zeros((len(layers), len(levels)))
+    U_batch = np.zeros((len(layers), len(levels)))
     for j, level in enumerate(levels):
         f1 = extract_features(net, obj, space, train, level, layers, args.seed, dist, args.batch_size, 0, amp)
         f2 = extract_features(net, obj, space, train, level, layers, args.seed + 1, dist, args.batch_size, 0, amp)
         for i, name in enumerate(layers):
             a, b = F.normalize(f1[name].double(), dim=1), F.normalize(f2[name].double(), dim=1)
             A[i, j] = (a - b).pow(2).sum(1).mean().item()  # alpha = 2
-            U[i, j] = torch.pdist(a).pow(2).mul(-2).exp().mean().log().item()  # t = 2
-    out = {"layers": layers, "t": levels, "alignment": A.tolist(), "uniformity": U.tolist(), "n": len(train)}
-    metrics = {"n": len(train), "layers": layers, "t": levels}
+            U[i, j] = uniformity_all_pairs(a)  # t = 2, every pair of the first noising, chunked (no N^2 matrix)
+            U_batch[i, j] = uniformity_per_batch(a, b, args.align_batch_size)
+    estimators = {"uniformity": "all pairs of the n images (first noising), chunked float64",
+                  "uniformity_per_batch": f"official contrastive.py: per batch of {args.align_batch_size} in order, mean of both "
+                                          f"noisings, averaged over batches",
+                  "alignment": "mean over the n images (= the official per-batch average)"}
+    out = {"layers": layers, "t": levels, "alignment": A.tolist(), "uniformity": U.tolist(), "uniformity_per_batch": U_batch.tolist(),
+           "estimators": estimators, "n": len(train)}
+    metrics = {"n": len(train), "layers": layers, "t": levels, "estimators": estimators}
     if grid:
         acc = np.array(grid["accuracy"])
         cells = [(i, j, grid["layers"].index(n), grid["t"].index(t)) for i, n in enumerate(layers) for j, t in enumerate(levels)
@@ -578,6 +724,7 @@ def align(args):
         pa = [acc[gi, gj] for _, _, gi, gj in cells]
         metrics["spearman_alignment"] = spearman([A[i, j] for i, j, _, _ in cells], pa)
         metrics["spearman_uniformity"] = spearman([U[i, j] for i, j, _, _ in cells], pa)
+        metrics["spearman_uniformity_per_batch"] = spearman([U_batch[i, j] for i, j, _, _ in cells], pa)
         metrics["spearman_align_plus_uniform"] = spearman([A[i, j] + U[i, j] for i, j, _, _ in cells], pa)
         per_t = {}
         for j, t in enumerate(levels):
@@ -589,7 +736,8 @@ def align(args):
                                    "metric_best_layer": layers[min(cj, key=lambda c: A[c[0], j] + U[c[0], j])[0]],
                                    "probe_best_layer": grid["layers"][max(cj, key=lambda c: acc[c[2], c[3]])[2]]}
         metrics["spearman_per_t"] = per_t
-        out.update({k: metrics[k] for k in ("spearman_alignment", "spearman_uniformity", "spearman_align_plus_uniform", "spearman_per_t")})
+        out.update({k: metrics[k] for k in ("spearman_alignment", "spearman_uniformity", "spearman_uniformity_per_batch",
+                                            "spearman_align_plus_uniform", "spearman_per_t")})
     if dist.is_main:
         os.makedirs(args.out_dir, exist_ok=True)
         RunLog(args.out_dir, dist, dict(stage="align", args=vars(args))).metrics(metrics)
@@ -666,16 +814,18 @@ def finetune(args):
 
 
 class NoisyClassifier(nn.Module):
-    """p_t(y | x_t) = g(f_t(x_t) + tau(t)) (paper eq. 5): the frozen DDAE truncated at one layer (pooled features,
-    standardised with fixed train statistics: an affine map that g and tau could absorb, for the optimiser's sake),
-    a timestep embedding tau (sinusoid + linear) and a 2-layer MLP g (d, 2d, K)."""
-    def __init__(self, trunk, num_classes, tau_dim=128):
+    """p_t(y | x_t) = g(f_t(x_t) + tau(t)) (paper eq. 5) as the official noisy_classifier_DDAE.py builds it: the frozen DDAE
+    truncated at one layer (raw pooled features f, (N, d)), tau = DDAE's TimeEmbedding(d) of the raw official t (a
+    sinusoid of max(d/4, 4) channels, [sin, cos] with frequencies over half - 1, -> Linear -> SiLU -> Linear(d, d)),
+    g = Linear(d, 2d), SiLU, Linear(2d, K). mu/sd stay 0/1 unless --standardize sets them (then f is standardised
+    with fixed train statistics, an affine map g and tau could absorb)."""
+    def __init__(self, trunk, num_classes):
         super().__init__()
         d = trunk.layers[-1][1]
-        self.trunk, self.tau_dim = trunk.requires_grad_(False).eval(), tau_dim
+        self.trunk, self.emb_dim = trunk.requires_grad_(False).eval(), max(d // 4, 4)
         self.register_buffer("mu", torch.zeros(d))
         self.register_buffer("sd", torch.ones(d))
-        self.tau = nn.Linear(tau_dim, d)
+        self.tau = nn.Sequential(nn.Linear(self.emb_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, num_classes))
 
     def train(self, mode=True):
@@ -687,20 +837,49 @@ class NoisyClassifier(nn.Module):
         with torch.no_grad():
             return _pool(self.trunk(x_in, cond))  # (N, d)
 
-    def forward(self, x_in, cond, tau_in):
+    def forward(self, x_in, cond, t_raw):
         f = (self.features(x_in, cond) - self.mu) / self.sd
-        return self.mlp(f + self.tau(timestep_embedding(tau_in, self.tau_dim)))  # (N, K)
+        return self.mlp(f + self.tau(timestep_embedding(t_raw, self.emb_dim, sin_first=True, freq_shift=1)))  # (N, K)
+
+
+def heun_sigmas(obj, steps=18):
+    """EDM's sampling levels, ascending (steps,) float64: DDAE's official EDM t = 1..steps indexes them (EDM.perturb:
+    reversed(sample_schedule(steps))[t], t = 1 is sigma_min, t = steps is sigma_max)."""
+    i = torch.arange(steps, dtype=torch.float64)
+    lo, hi = obj.sigma_min ** (1 / obj.rho), obj.sigma_max ** (1 / obj.rho)
+    return ((hi + i / (steps - 1) * (lo - hi)) ** obj.rho).flip(0)
+
+
+def official_t(obj, level):
+    """The raw t the official noise-conditional classifier embeds: ddpm, the paper's t itself (1..T on a UNet); edm, the
+    1-based index of sigma among the 18 Heun sigmas (between them: interpolated in log sigma). level: (N,) -> (N,) float."""
+    if obj.kind != "edm":
+        return level.float()
+    grid = heun_sigmas(obj).log().to(level.device)
+    x = level.double().clamp(min=float(grid[0].exp()), max=float(grid[-1].exp())).log()
+    k = torch.searchsorted(grid, x).clamp(1, len(grid) - 1)
+    frac = (x - grid[k - 1]) / (grid[k] - grid[k - 1])
+    return (k + frac).float()  # grid[k - 1] is index k (1-based)
+
+
+def noisy_train_levels(obj, g, n, dist):
+    """The official training draw: ddpm t ~ U[1, T] (obj.random_levels, in the typed convention); edm one of the 18
+    Heun sigmas uniformly (t ~ U[1, 18])."""
+    if obj.kind != "edm":
+        return obj.random_levels(g, n, dist)
+    idx = draw_global(g, "randint", n, dist, high=18)
+    return heun_sigmas(obj).float().to(idx.device)[idx]
 
 
 @torch.no_grad()
 def _set_feature_stats(model, obj, space, ds, seed, batch_size, device, n=2048):
-    """The classifier's fixed feature standardisation: mean/std over up to n train images at random levels."""
+    """--standardize: the classifier's fixed feature standardisation, mean/std over up to n train images at random levels."""
     ds = ds.subset(torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n])
     feats = []
     for b, (x, _, _) in enumerate(data.iterate(ds, batch_size, device)):
         z0 = space.encode(x, generator=False)
         g = step_generator(seed + 1, b, z0.device)
-        level = obj.random_levels(g, len(z0), Dist(device=z0.device))
+        level = noisy_train_levels(obj, g, len(z0), Dist(device=z0.device))
         feats.append(model.features(*obj.net_input(z0, level, torch.randn(z0.shape, generator=g, device=g.device))))
     feats = torch.cat(feats)
     model.mu.copy_(feats.mean(0))
@@ -717,23 +896,24 @@ def noisy(args):
     K, amp = len(train.classes), resolve_amp(args.amp, dist.device)
     if args.t:
         levels = obj.check_levels(args.t)
-    elif obj.kind == "edm":
-        levels = [float(f"{s:.3g}") for s in np.geomspace(obj.sigma_min, obj.sigma_max, 10)]
-    else:
-        levels = sorted({min(obj.T - 1, int(round(f * obj.T))) for f in np.linspace(0, 1, 11)})
+    elif obj.kind == "edm":  # the official test_timesteps 1..18: every Heun sigma
+        levels = heun_sigmas(obj).tolist()
+    else:  # the official test_timesteps: every T/20 from the first (1, 51, ..., 951 of 1000)
+        levels = [obj.first_t + k * (obj.T // 20) for k in range(20)] if obj.T >= 20 else list(range(obj.first_t, obj.T + obj.first_t))
     torch.manual_seed(args.seed)
     model = NoisyClassifier(net.truncated(layer), K).to(dist.device)
-    _set_feature_stats(model, obj, space, train, args.seed, args.eval_batch_size, dist.device)
+    if args.standardize:
+        _set_feature_stats(model, obj, space, train, args.seed, args.eval_batch_size, dist.device)
     loader = data.Loader(train, args.batch_size, dist.device, seed=args.seed, augment=True, crop_padding=4, flip=True,
                          rank=dist.rank, world_size=dist.world_size)
 
     def loss_fn(m, x, y, step):
         z0 = space.sample_z0(x, args.seed, step, dist)
         g = step_generator(args.seed, step, z0.device)
-        level = obj.random_levels(g, len(z0), dist)
+        level = noisy_train_levels(obj, g, len(z0), dist)
         eps = draw_global(g, "randn", len(z0), dist, *z0.shape[1:])
         x_in, cond = obj.net_input(z0, level, eps)
-        return F.cross_entropy(m(x_in, cond, obj.tau_input(level)).float(), y)
+        return F.cross_entropy(m(x_in, cond, official_t(obj, level)).float(), y)
     config = dict(stage="noisy", layer=layer, backbone=cfg, num_classes=K, args=vars(args))
     head = [p for n, p in model.named_parameters() if not n.startswith("trunk.")]
     model, _ = fit(model, loss_fn, loader, args, dist, args.out_dir, config, params=head)
@@ -748,11 +928,12 @@ def noisy(args):
                 lv = torch.full((len(z0),), float(level), device=z0.device)
                 x_in, cond = obj.net_input(z0, lv, torch.randn(z0.shape, generator=g, device=g.device).to(z0.device))
                 with autocast(amp, dist.device):
-                    pred = model(x_in, cond, obj.tau_input(lv)).argmax(1)
+                    pred = model(x_in, cond, official_t(obj, lv)).argmax(1)
                 correct += (pred == test.labels.to(z0.device)[idx]).sum().item()
                 n += len(idx)
             accs.append(correct / max(n, 1))
     metrics = {"layer": layer, "t": levels, "accuracy": accs, "t_means": "sigma" if obj.kind == "edm" else "timestep",
+               "official_t": [round(official_t(obj, torch.tensor([float(v)])).item(), 4) for v in levels],
                "mean_accuracy": float(np.mean(accs)), "chance": 1.0 / K, "steps": args.steps}
     if dist.is_main:
         RunLog(args.out_dir, dist).metrics(metrics)
@@ -777,7 +958,7 @@ def _ckpt_step(ckpt):
 
 def sample_one(ckpt, out_dir, args, dist, feature_extractor=None):
     """Samples of one UNet checkpoint (DDPM ancestral / DDIM, or EDM Heun), a PNG grid, and FID on --fid."""
-    net, obj, space, _, test, cfg = load_backbone(argparse.Namespace(**dict(vars(args), ckpt=ckpt)), dist)
+    net, obj, space, train, test, cfg = load_backbone(argparse.Namespace(**dict(vars(args), ckpt=ckpt)), dist)
     if not isinstance(net, UNet):
         raise UserError(f"--ckpt {ckpt}: sample needs a ddae_probe UNet checkpoint")
     n, amp = args.n_fid if args.fid else args.n_images, resolve_amp(args.amp, dist.device)
@@ -787,7 +968,7 @@ def sample_one(ckpt, out_dir, args, dist, feature_extractor=None):
         b = min(args.batch_size, n - s)
         y = (torch.arange(s, s + b, device=dist.device) % net.num_classes) if net.num_classes else None
         with autocast(amp, dist.device):
-            kw = {"method": args.sampler} if obj.kind == "ddpm" else {}
+            kw = {"method": args.sampler, "variance": args.variance} if obj.kind == "ddpm" else {}
             out.append(obj.sample(net, (b, *space.sample_shape), g, args.sample_steps, y=y, **kw).float())
     images = space.decode(torch.cat(out))
     os.makedirs(out_dir, exist_ok=True)
@@ -800,14 +981,15 @@ def sample_one(ckpt, out_dir, args, dist, feature_extractor=None):
         captions = [classes[k % net.num_classes] for k in range(min(64, n))] if net.num_classes else None
         save_image_grid(images[:64], os.path.join(out_dir, "samples.png"), captions=captions)
     if args.fid:
-        real = test.images[:n] if test.images is not None else \
-            data.to_uint8(space.decode(test.latents["mean"][:n].to(dist.device) * test.scaling_factor))
+        ref = train if args.fid_ref == "train" else test  # DDAE and EDM report FID against the 50k training images
+        real = ref.images[:n] if ref.images is not None else \
+            data.to_uint8(space.decode(ref.latents["mean"][:n].to(dist.device) * ref.scaling_factor))
         fake = data.to_uint8(images)
         if real.shape[1] == 1:
             real, fake = real.repeat(1, 3, 1, 1), fake.repeat(1, 3, 1, 1)
         r["fid"] = compute_fid(real, fake, out_dir, dist.device, feature_extractor=feature_extractor, dist=dist,
                                inception_path=args.inception_path)
-        r.update(fid_n_generated=len(fake), fid_n_reference=len(real), fid_reference="test split")
+        r.update(fid_n_generated=len(fake), fid_n_reference=len(real), fid_reference=f"{args.fid_ref} split")
     return r
 
 
@@ -858,7 +1040,7 @@ def bench_grid(ckpt=None, dit_path=None, data_spec=None, t=None, layers=None, la
     naive: per (layer, level) cell, a forward per (view, batch) hooking that layer only (stopping after it,
            as the grid stops after its deepest layer), then one head trained alone.
     Both give the same accuracies (checked: max_abs_acc_diff). -> dict with grid_s, naive_s, ratio, cells."""
-    argv = ["probe", "--device", device, "--seed", str(seed), "--views", str(views), "--probe-epochs", str(probe_epochs),
+    argv = ["probe", "--protocol", "cached", "--device", device, "--seed", str(seed), "--views", str(views), "--probe-epochs", str(probe_epochs),
             "--batch-size", str(batch_size), "--labels-per-class", str(labels_per_class), "--n-test", str(n_test)]
     argv += ["--ckpt", ckpt or dit_path]
     argv += ["--data", data_spec] if data_spec else []
@@ -888,7 +1070,7 @@ def bench_grid(ckpt=None, dit_path=None, data_spec=None, t=None, layers=None, la
 # The bare run: pretrain -> probe on `shapes`, on the CPU, in a few minutes
 
 
-PIPELINE_T = {"ddpm": [0, 25, 100, 250], "edm": [0.01, 0.06, 0.3, 1.0]}
+PIPELINE_T = {"ddpm": [1, 26, 101, 251], "edm": [0.01, 0.06, 0.3, 1.0]}  # ddpm: the paper's t (indices 0, 25, 100, 250)
 
 
 def pipeline(args):
@@ -906,7 +1088,7 @@ def pipeline(args):
     pr = probe(build_parser().parse_args(
         ["probe", "--ckpt", f"{out}/pretrain/ckpt", "--out-dir", f"{out}/probe", "--device", args.device, "--seed", str(args.seed),
          "--views", str(args.views), "--labels-per-class", str(args.labels_per_class), "--n-test", str(args.n_test),
-         "--probe-lr", str(args.probe_lr), "--t", *map(str, levels)]))
+         "--probe-lr", str(args.probe_lr), "--protocol", "cached", "--t", *map(str, levels)]))
     metrics = {k: pr[k] for k in ("probe_best_acc", "probe_best_layer", "probe_best_t", "raw_pixel_acc", "chance",
                                   "objective", "t_means", "n_train", "n_test", "views", "layers", "t")}
     metrics.update(pretrain_eval_loss=pre["eval_loss"], pretrain_steps=args.steps, pretrain_s=t_mid - t_start,
@@ -935,13 +1117,19 @@ def add_backbone_args(q, stage, batch=True):
 
 def add_probe_args(q):
     q.add_argument("--t", type=float, nargs="+", default=None,
-                   help="noise levels: ddpm timesteps (0-based) or edm sigmas (default: a sweep around the paper's optimum)")
+                   help="noise levels: ddpm timesteps as the paper counts them (UNet: from 1, the official t = 11 is 11; DiT: from 0) "
+                        "or edm sigmas (default: the official grid 1 11 21 and a sweep above it)")
     q.add_argument("--layers", nargs="+", default=None, help="layer names (default: every down, mid and up block); official "
                                                                "names too: DDAE's out_k, diffusers / guided-diffusion block paths")
-    q.add_argument("--views", type=int, default=4, help="cached views of the train set: view 0 as is, others random crop + flip")
+    q.add_argument("--protocol", default="official", choices=["official", "cached"],
+                   help="official: DDAE's linear.py (nn.Linear, default init, raw features, fresh noise + crop (zero pad 4) + "
+                        "flip every step, Adam lr x world size, batch per process, cosine per epoch); cached: the fast grid "
+                        "(--views cached views with fixed noise, standardised features, zero-init heads, reflect padding)")
+    q.add_argument("--views", type=int, default=4, help="--protocol cached: cached views of the train set: view 0 as is, "
+                                                        "others random crop + flip")
     q.add_argument("--probe-epochs", type=int, default=15)
     q.add_argument("--probe-lr", type=float, default=1e-3)
-    q.add_argument("--probe-batch-size", type=int, default=128)
+    q.add_argument("--probe-batch-size", type=int, default=128, help="official: per process (lr x world size); cached: global")
     q.add_argument("--cache-dir", default=None, help="keep features on disk (safetensors per split, t, view) instead of memory")
     q.add_argument("--no-raw-pixel", action="store_true", help="skip the raw-pixel baseline")
 
@@ -968,7 +1156,9 @@ def build_parser():
     q = sub.add_parser("pretrain", help="diffusion pre-training of a UNet (ddpm or edm objective)")
     add_common_args(q, "runs/ddae/pretrain")
     add_train_args(q, steps=800_000, batch_size=128, lr=1e-4)
-    q.set_defaults(warmup=5000, ema_decay=None)  # ema: 0.9999 (ddpm) / 0.9993 (edm) when not given
+    # lr, warm-up and dropout from the official configs when not given (official_pretrain_defaults); ema 0.9999 (ddpm) /
+    # 0.9993 (edm)
+    q.set_defaults(lr=None, warmup=None, ema_decay=None)
     q.add_argument("--model", default="ddpm", choices=sorted(UNet_models))
     q.add_argument("--objective", default="ddpm", choices=["ddpm", "edm"])
     q.add_argument("--T", type=int, default=1000, help="ddpm: number of noise levels (the paper's ablation: 1000/512/256/64)")
@@ -976,7 +1166,7 @@ def build_parser():
                    help="ddpm: linear beta schedule range (ablation: 1e-4 0.01 / 0.01 0.02)")
     q.add_argument("--p-mean", type=float, default=-1.2, help="edm: log-normal sigma mean")
     q.add_argument("--p-std", type=float, default=1.2, help="edm: log-normal sigma std")
-    q.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    q.add_argument("--dropout", type=float, default=None, help="default: the official config's (0.1; DDPM++ under edm 0.13)")
     q.add_argument("--ch", type=int, default=None, help="override the preset's base width")
     q.add_argument("--class-cond", action="store_true", help="class-conditional training (label embedding, null label)")
     q.add_argument("--class-dropout", type=float, default=0.1, help="with --class-cond: label dropout for CFG")
@@ -993,7 +1183,8 @@ def build_parser():
     q.add_argument("--t", type=float, nargs="+", default=None)
     q.add_argument("--layers", nargs="+", default=None)
     q.add_argument("--grid", default=None, help="a probe run's grid.json: its layers, t and accuracies")
-    q.add_argument("--n-images", type=int, default=1000, help="training images used (label-free)")
+    q.add_argument("--n-images", type=int, default=1000, help="training images used (label-free; 0: all, the official 50k)")
+    q.add_argument("--align-batch-size", type=int, default=128, help="the official per-batch uniformity's batch (global)")
 
     q = sub.add_parser("finetune", help="truncate at a layer, fixed t, clean input, train end to end; vs scratch")
     add_backbone_args(q, "finetune", batch=False)
@@ -1011,7 +1202,10 @@ def build_parser():
     q.set_defaults(ema_decay=0.999, batch_size=128)
     q.add_argument("--layer", default=None)
     q.add_argument("--grid", default=None, help="take --layer from a probe run's grid.json")
-    q.add_argument("--t", type=float, nargs="+", default=None, help="evaluation noise levels")
+    q.add_argument("--t", type=float, nargs="+", default=None, help="evaluation noise levels (default: the official ones, "
+                                                                     "ddpm t = 1, 51, ..., 951; edm the 18 Heun sigmas)")
+    q.add_argument("--standardize", action="store_true", help="standardise the frozen features with fixed train statistics "
+                                                              "(not official; helps the optimiser on small data)")
     q.add_argument("--eval-batch-size", type=int, default=256)
 
     q = sub.add_parser("sample", help="samples, FID, and FID vs best probe accuracy over --ckpts")
@@ -1020,7 +1214,11 @@ def build_parser():
     q.set_defaults(batch_size=128)
     q.add_argument("--ckpts", nargs="+", default=None, help="several checkpoints (e.g. pretrain --snapshot-every)")
     q.add_argument("--n-images", type=int, default=64, help="images generated (without --fid)")
-    q.add_argument("--fid", action="store_true", help="FID (clean-fid) against the test split")
+    q.add_argument("--fid", action="store_true", help="FID (clean-fid) against --fid-ref")
+    q.add_argument("--fid-ref", default="train", choices=["train", "test"],
+                   help="FID's reference images: the training split (DDAE's and EDM's 50k) or the test split")
+    q.add_argument("--variance", default="beta", choices=["beta", "posterior"],
+                   help="ddpm ancestral variance: beta_t (Ho et al., DDAE's official sampler) or the posterior beta~_t")
     q.add_argument("--inception-path", default=None, help=f"FID's Inception weights ({INCEPTION_FILE}; default: clean-fid's cache)")
     q.add_argument("--n-fid", type=int, default=50_000)
     q.add_argument("--probe", action="store_true", help="also run the probe grid on each checkpoint")

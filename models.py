@@ -1049,8 +1049,11 @@ def diffusion_loss(model, diffusion, z0, step, seed, dist, y=None, class_dropout
 
 
 @torch.no_grad()
-def sample_loop(eps_fn, shape, diffusion, steps=50, method="ddim", device="cpu", generator=None, clip=None):
-    """DDPM (ancestral, respaced to `steps`) or DDIM (eta = 0) from pure noise. eps_fn(x, t) -> eps."""
+def sample_loop(eps_fn, shape, diffusion, steps=50, method="ddim", device="cpu", generator=None, clip=None, variance="posterior"):
+    """DDPM (ancestral, respaced to `steps`) or DDIM (eta = 0) from pure noise. eps_fn(x, t) -> eps. The ancestral step's
+    variance: "posterior" beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t) (improved DDPM's fixed small), or "beta"
+    sigma_t^2 = beta_t (Ho et al.'s choice on CIFAR-10, and DDAE's official DDPM.sample), with beta_t = 1 - abar_t /
+    abar_prev of the (respaced) chain; the mean is the posterior mean either way."""
     ts = torch.linspace(diffusion.T - 1, 0, steps, device=device).round().long()
     abar = diffusion.alphas_cumprod
     x = torch.randn(shape, device=device, generator=generator)
@@ -1066,7 +1069,7 @@ def sample_loop(eps_fn, shape, diffusion, steps=50, method="ddim", device="cpu",
         else:  # posterior q(x_prev | x_t, x0) of the respaced chain
             beta = 1 - a_t / a_prev
             mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0 + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)) * x
-            var = beta * (1 - a_prev) / (1 - a_t)
+            var = beta if variance == "beta" else beta * (1 - a_prev) / (1 - a_t)
             noise = torch.randn(shape, device=device, generator=generator)
             x = mean + (var.sqrt() * noise if i + 1 < len(ts) else 0)
     return x
@@ -1075,12 +1078,15 @@ def sample_loop(eps_fn, shape, diffusion, steps=50, method="ddim", device="cpu",
 class DDPMObjective:
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, linear betas over T steps; the network predicts eps.
 
-    Levels are 0-based integer timesteps: t indexes the schedule, t = 0 is one step of noise (beta_1), so the
-    paper's t (counted from 1 as in DDPM) is ours + 1. The network is conditioned on t itself."""
+    Levels are integer timesteps counted from `first_t`: level t is schedule index i = t - first_t, and index 0 is
+    one step of noise (beta_1). first_t = 0 (default) is the 0-based index of Ho et al.'s and DiT's code and of
+    diffusers; first_t = 1 is the t of the DDPM and DDAE papers and of DDAE's official code (its
+    alphabar_t[t] = prod_{s<=t} (1 - beta_s) with beta_0 = 0, t in [1, T]), so DDAE's t = 11 is index 10.
+    The network is conditioned on the index i (the time input our UNets and the public UNets were trained on)."""
     kind = "ddpm"
 
-    def __init__(self, T=1000, beta_range=(1e-4, 0.02), device="cpu", schedule="linear"):
-        self.T, self.beta_range, self.schedule = T, tuple(beta_range), schedule
+    def __init__(self, T=1000, beta_range=(1e-4, 0.02), device="cpu", schedule="linear", first_t=0):
+        self.T, self.beta_range, self.schedule, self.first_t = T, tuple(beta_range), schedule, int(first_t)
         self.diffusion = Diffusion(T, beta_range[0], beta_range[1], device=device, scale_to_T=False, schedule=schedule)
 
     def loss(self, net, x0, step, seed, dist, y=None, class_dropout=0.0, null_label=0):
@@ -1095,33 +1101,34 @@ class DDPMObjective:
 
     def net_input(self, x0, level, eps=None):
         """(network input, conditioning) for images x0 noised to `level` (N,); eps=None: no noise (fine-tuning)."""
-        t = level.long()
+        t = level.long() - self.first_t  # the schedule index
         x = self.diffusion.gamma[t].view(-1, 1, 1, 1) * x0
         if eps is not None:
             x = x + self.diffusion.delta[t].view(-1, 1, 1, 1) * eps
         return x, t.float()
 
     def random_levels(self, g, n, dist):
-        return draw_global(g, "randint", n, dist, high=self.T)
-
-    def tau_input(self, level):
-        """The noise-conditional classifier's timestep coordinate, in [0, 1000) for both objectives."""
-        return level.float() * (1000.0 / self.T)
+        return draw_global(g, "randint", n, dist, high=self.T) + self.first_t
 
     def check_levels(self, levels):
-        bad = [t for t in levels if t != int(t) or not 0 <= t < self.T]
+        lo, hi = self.first_t, self.T - 1 + self.first_t
+        bad = [t for t in levels if t != int(t) or not lo <= t <= hi]
         if bad:
-            raise UserError(f"--t {bad}: ddpm timesteps must be integers in [0, {self.T - 1}]")
+            raise UserError(f"--t {bad}: ddpm timesteps must be integers in [{lo}, {hi}]"
+                            + (" (the paper's t, counted from 1)" if self.first_t else ""))
         return [int(t) for t in levels]
 
     def default_levels(self):
-        """The paper's DDPM optimum t = 11 (of 1000) and a sweep around it, scaled to T."""
-        return sorted({min(self.T - 1, int(round(f * self.T))) for f in (0.0, 0.011, 0.025, 0.05, 0.1, 0.2, 0.4)})
+        """DDAE's official grid t = 1, 11, 21 (of 1000, first_t = 1; indices 0, 10, 20) and a sweep above it, scaled to T."""
+        return sorted({self.first_t + min(self.T - 1, int(round(f * self.T))) for f in (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)})
 
     @torch.no_grad()
-    def sample(self, net, shape, generator, steps=None, y=None, method="ddpm"):
+    def sample(self, net, shape, generator, steps=None, y=None, method="ddpm", variance="beta"):
+        """Ancestral DDPM (sigma_t^2 = beta_t, as Ho et al. and DDAE's DDPM.sample; variance="posterior": beta~_t) or
+        DDIM, x0 clipped to [-1, 1] as the official pred_eps_."""
         eps_fn = lambda x, t: net(x, t.float(), y)[:, :shape[1]].float()  # noqa: E731
-        return sample_loop(eps_fn, shape, self.diffusion, steps or self.T, method, generator.device, generator, clip=1.0)
+        return sample_loop(eps_fn, shape, self.diffusion, steps or self.T, method, generator.device, generator, clip=1.0,
+                           variance=variance)
 
 
 class EDMObjective:
@@ -1171,10 +1178,6 @@ class EDMObjective:
         u = draw_global(g, "rand", n, dist)
         return (math.log(self.sigma_min) + u * (math.log(self.sigma_max) - math.log(self.sigma_min))).exp()
 
-    def tau_input(self, level):
-        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
-        return (level.float().log() - lo) / (hi - lo) * 1000.0
-
     def check_levels(self, levels):
         bad = [s for s in levels if not s > 0]
         if bad:
@@ -1205,11 +1208,12 @@ class EDMObjective:
         return x.float().clamp(-1, 1)
 
 
-def make_objective(cfg, device="cpu"):
+def make_objective(cfg, device="cpu", first_t=0):
+    """The objective of a checkpoint config; first_t: where a ddpm level count starts (DDPMObjective)."""
     if cfg["objective"] == "edm":
         return EDMObjective(**cfg.get("edm", {}))
     return DDPMObjective(cfg.get("T", 1000), cfg.get("beta_range", (1e-4, 0.02)), device=device,
-                         schedule=cfg.get("schedule", "linear"))
+                         schedule=cfg.get("schedule", "linear"), first_t=first_t)
 
 
 def mem_format(x):

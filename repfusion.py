@@ -152,33 +152,39 @@ def build_student(name, width=64, in_channels=3, num_classes=0, stem="cifar"):
 
 
 class PolicyNet(nn.Module):
-    """pi(t | x): a LeNet-5-like CNN (conv 5x5 x6, pool, conv 5x5 x16, pool, fc 120, fc 84) reading the clean
-    image, giving logits of a categorical over n_bins timestep bins. The last layer starts at zero, so the
-    policy starts uniform (the paper: "at first t is randomly selected")."""
-    def __init__(self, in_channels, n_bins):
+    """pi(t | x): the official PolicyNet_Cov, LeNet-5 (conv 5x5 x6 unpadded, pool 2, conv 5x5 x16 unpadded, pool 2,
+    fc 120, fc 84, fc n_bins) reading the clean image, with PyTorch's default init; returns the logits of the
+    categorical over n_bins timestep bins (the official net ends in a softmax; Categorical(probs) is the same law).
+    At 32x32 the conv stack gives 16 x 5 x 5 exactly; other sizes are average-pooled to 5 x 5. zero_init=True starts
+    the policy uniform (the paper's text: "at first t is randomly selected")."""
+    def __init__(self, in_channels, n_bins, zero_init=False):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=2)
-        self.conv2 = nn.Conv2d(6, 16, 5, padding=2)
+        self.conv1 = nn.Conv2d(in_channels, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
         self.fc1, self.fc2, self.fc3 = nn.Linear(16 * 5 * 5, 120), nn.Linear(120, 84), nn.Linear(84, n_bins)
-        nn.init.zeros_(self.fc3.weight)
-        nn.init.zeros_(self.fc3.bias)
+        if zero_init:
+            nn.init.zeros_(self.fc3.weight)
+            nn.init.zeros_(self.fc3.bias)
 
     def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (N, 6, H/2, W/2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (N, 16, H/4, W/4)
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (N, 6, (H-4)/2, (W-4)/2): 14 x 14 at 32
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (N, 16, 5, 5) at 32
         x = F.adaptive_avg_pool2d(x, 5).flatten(1)  # (N, 400)
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))  # (N, n_bins)
 
 
 class TaskHead(nn.Module):
-    """The small MLP that classifies the teacher feature f_T(x, t); its CE is the policy's (negative) reward."""
-    def __init__(self, dim, num_classes, hidden=256):
+    """The MLP that classifies the teacher feature f_T(x, t); its CE is the policy's (negative) reward. Official
+    (repfusion.py's task_head): Linear(d, hidden), ReLU, Linear(hidden, hidden), ReLU, Linear(hidden, K) on the raw
+    pooled feature, hidden = d (256 for google/ddpm-cifar10-32's mid block). layernorm=True puts a LayerNorm first
+    (features of different t differ in scale)."""
+    def __init__(self, dim, num_classes, hidden=256, layernorm=False):
         super().__init__()
-        self.norm = nn.LayerNorm(dim)  # teacher features of different t differ in scale
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, num_classes)
+        self.norm = nn.LayerNorm(dim) if layernorm else nn.Identity()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(dim, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, num_classes)
 
     def forward(self, f):
-        return self.fc2(F.relu(self.fc1(self.norm(f))))
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(self.norm(f))))))  # (N, K)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,11 +344,12 @@ def attention_map(f, p=2):
 
 
 def at_loss(fs, ft):
-    """Attention transfer (Zagoruyko & Komodakis): L2-normalised attention maps should agree. The student's map
-    is resized (bilinear) to the teacher's resolution when they differ; maps have no channels, so no projector."""
+    """Attention transfer (Zagoruyko & Komodakis): L2-normalised attention maps should agree. As RepFusion's
+    losses/at.py, the student's feature map is resized (bilinear) to the teacher's resolution before its attention
+    map is taken; maps have no channels, so no projector."""
+    if fs.shape[-2:] != ft.shape[-2:]:
+        fs = F.interpolate(fs.float(), size=ft.shape[-2:], mode="bilinear", align_corners=False)
     a_s, a_t = attention_map(fs), attention_map(ft)
-    if a_s.shape[-2:] != a_t.shape[-2:]:
-        a_s = F.interpolate(a_s[:, None], size=a_t.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     return (F.normalize(a_s.flatten(1), dim=1) - F.normalize(a_t.flatten(1), dim=1)).pow(2).mean()
 
 
@@ -352,9 +359,9 @@ def _pdist(e, eps=1e-12):
     return d * (1 - torch.eye(len(e), device=e.device, dtype=d.dtype))
 
 
-def rkd_loss(s, t, w_dist=1.0, w_angle=2.0):
+def rkd_loss(s, t, w_dist=25.0, w_angle=50.0):
     """Relational KD (Park et al.): distance-wise (pairwise distances over their mean) and angle-wise (cosines of
-    the angles of every triplet) relations of the batch, smooth-L1; weights 1 : 2 as in the RKD paper (25 : 50).
+    the angles of every triplet) relations of the batch, smooth-L1; weights 25 and 50 as RepFusion's losses/rkd.py.
     Relations are dimension-free, so the student's pooled feature is used as is (no projector)."""
     s, t = s.float(), t.float()
     with torch.no_grad():
@@ -369,7 +376,7 @@ def rkd_loss(s, t, w_dist=1.0, w_angle=2.0):
     return w_dist * F.smooth_l1_loss(sd, td) + w_angle * F.smooth_l1_loss(sa, ta)
 
 
-FEAT_WEIGHT = {"mse": 1.0, "at": 100.0, "rkd": 1.0}  # at maps are unit vectors: its raw loss is ~1/HW small
+FEAT_WEIGHT = {"mse": 1.0, "at": 1000.0, "rkd": 1.0}  # the official kd_weight: AT 1000 (unit maps: raw loss ~1/HW), RKD 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,8 +454,10 @@ class RepFusion(nn.Module):
         self.feat_loss, self.at_stage = cfg["feat_loss"], cfg.get("at_stage", 3)
         self.student = build_student(cfg["student"], cfg["width"], cfg["sample_shape"][0], stem=cfg.get("stem", "cifar"))
         self.projector = nn.Linear(self.student.feature_dim, cfg["teacher_dim"]) if cfg["feat_loss"] == "mse" else None
-        self.policy = PolicyNet(cfg["sample_shape"][0], cfg["t_bins"]) if cfg["t_policy"] == "rl" else None
-        self.head = TaskHead(cfg["teacher_dim"], cfg["num_classes"], cfg["head_hidden"]) if cfg["t_policy"] == "rl" else None
+        self.policy = PolicyNet(cfg["sample_shape"][0], cfg["t_bins"], cfg.get("policy_zero_init", False)) \
+            if cfg["t_policy"] == "rl" else None
+        self.head = TaskHead(cfg["teacher_dim"], cfg["num_classes"], cfg["head_hidden"] or cfg["teacher_dim"],
+                             cfg.get("head_layernorm", False)) if cfg["t_policy"] == "rl" else None
         self.register_buffer("baseline", torch.zeros(2))  # (value, number of updates)
         self.register_buffer("t_hist", torch.zeros(HIST_ROWS, cfg["t_bins"], dtype=torch.float64))
 
@@ -545,6 +554,9 @@ class DiTTeacher(Teacher):
         return self.space.sample_shape
 
 
+OFFICIAL_TEACHER_LAYER = "mid_block.resnets.1.conv2"  # the mid block's second resnet, residual branch before the skip add
+
+
 class UNetTeacher(Teacher):
     """A ddae_probe.py checkpoint (DDPM or EDM UNet) or a public UNet (models.load_unet: a diffusers UNet2DModel
     folder such as google/ddpm-cifar10-32, a guided-diffusion file such as 64x64_diffusion.pt; run on --data with the
@@ -569,6 +581,8 @@ class UNetTeacher(Teacher):
             net, cfg, _, self.space = load_run(ckpt, device, vae_path, data_spec, kinds=("unet",))
         obj = make_objective(cfg, device)
         names = net.layer_names()
+        if layer is None and unet_file_kind(ckpt) == "diffusers" and "mid" in names:
+            layer = OFFICIAL_TEACHER_LAYER  # the released configs' teacher_layers with google/ddpm-cifar10-32
         layer = net.resolve_layer(layer, "--teacher-layer") if layer else ("mid" if "mid" in names else names[len(names) // 2])
         block = net.block_of(layer)
         if block is None:
@@ -756,6 +770,7 @@ def distill(args, teacher=None):
                teacher_map_shape=list(teacher.map_shape), teacher_input=args.teacher_input, T=teacher.T,
                feat_loss=args.feat_loss, at_stage=at_stage, t_policy=args.t_policy, t_bins=args.t_bins, t_max=t_max,
                t=args.t, num_classes=len(ds.classes) if labeled else 0, head_hidden=args.head_hidden,
+               head_layernorm=args.head_layernorm, policy_zero_init=args.policy_zero_init, baseline=args.baseline,
                entropy_decay_steps=decay, hist_every=hist_every, data=args.data, image_size=args.image_size,
                classes=ds.classes, args=vars(args))
     model = for_device(RepFusion(cfg), dist)
@@ -796,7 +811,8 @@ def distill(args, teacher=None):
             correct = ((out["head_pred"] == y) * lab).sum()
             window[1:] += torch.stack([(out["head_ce"].detach() * lab).sum(), correct, lab.sum()]).double()
             b, nb = model.baseline
-            advantage = reward - torch.where(nb > 0, b, r_sum / n_lab)  # first step: the batch mean
+            # official: the reward itself (no baseline); --baseline ema: minus a moving average (first step: the batch mean)
+            advantage = reward - torch.where(nb > 0, b, r_sum / n_lab) if args.baseline == "ema" else reward
         loss = distill_objective(out, t_bin, w, advantage, weight, entropy_coef(step, args.entropy_coef, decay))
         if "head_ce" in out:
             with torch.no_grad():  # moving-average baseline, identical on every rank (DDP broadcasts buffers)
@@ -1212,12 +1228,16 @@ def pipeline(args):
     if args.compile is not None:
         common.append("--compile" if args.compile else "--no-compile")
     lab = ["--labels-per-class", str(args.labels_per_class)]
+    # the bare run's CPU recipe, passed explicitly (the stages default to the official one): clipping at 1
     train = ["--batch-size", str(args.batch_size), "--lr", str(args.lr), "--log-every", "50", "--ema-decay", str(args.ema_decay),
-             *(["--overwrite"] if args.overwrite else [])]
+             "--grad-clip", "1.0", *(["--overwrite"] if args.overwrite else [])]
+    # ... and, for the policy on 400 steps, a moving-average baseline, a uniform start and a LayerNormed 256-wide head
+    policy = ["--baseline", "ema", "--policy-zero-init", "--head-layernorm", "--head-hidden", "256"]
     p = build_parser()
     r_d = distill(p.parse_args(["distill", "--teacher", teacher, "--out-dir", f"{out}/distill", *common, *train,
                                 "--steps", str(args.steps), "--student", args.student, "--width", str(args.width),
                                 "--t-policy", args.t_policy, "--t-bins", str(args.t_bins), "--teacher-input", args.teacher_input,
+                                *policy,
                                 *(lab if args.reward_labels == "budget" else [])]))
     if args.task != "classification":
         return dense_pipeline(args, p, r_d, teacher, common, train, t0, t_teacher)
@@ -1312,29 +1332,38 @@ def build_parser():
 
     q = sub.add_parser("distill", help="distil the teacher's features into the student (with the t policy)")
     add_common_args(q, "runs/repfusion/distill", test=False)
-    add_train_args(q, steps=78_000, batch_size=128, lr=1e-3)  # 200 epochs of CIFAR-10 at batch 128
+    add_train_args(q, steps=78_000, batch_size=128, lr=1e-3, grad_clip=0.0)  # 200 epochs of CIFAR-10 at batch 128, no clipping
+    q.set_defaults(ema_decay=0.999)  # the official EMAHook(momentum=0.001)
     q.add_argument("--teacher", required=True, help="a ddae_probe.py or repcond_dit.py run (OUT_DIR or OUT_DIR/ckpt), an "
                                                    "official DiT .pt file, or a public UNet: a diffusers UNet2DModel folder "
                                                    "(google/ddpm-cifar10-32) or a guided-diffusion .pt file (64x64_diffusion.pt)")
     q.add_argument("--teacher-layer", default=None,
                    help="block name (UNet: down.i | mid | up.i or a module inside one such as mid.block2.conv2, official "
-                        "diffusers / guided-diffusion paths too, default mid; DiT: blocks.i, default the middle one)")
-    q.add_argument("--teacher-input", default="noised", choices=["noised", "clean"],
-                   help="noised: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (the paper); clean: x0 with t (the official code)")
+                        "diffusers / guided-diffusion paths too; default: mid_block.resnets.1.conv2 for a diffusers "
+                        "folder (the official teacher feature), else mid; DiT: blocks.i, default the middle one)")
+    q.add_argument("--teacher-input", default="clean", choices=["noised", "clean"],
+                   help="clean: x0 with t (the released code that produced 95.38%%); noised: x_t = sqrt(abar_t) x0 + "
+                        "sqrt(1 - abar_t) eps (the paper's text)")
     q.add_argument("--student", default="resnet18", choices=sorted(Student_models))
     q.add_argument("--width", type=int, default=64, help="student base width (64: the standard ResNet)")
     q.add_argument("--stem", default="cifar", choices=STEMS, help="cifar: 3x3 stride 1 (32 px inputs); imagenet: 7x7 stride 2 + "
                                                                "max-pool (the official dense students, 256 px faces)")
     q.add_argument("--feat-loss", default="mse", choices=["mse", "at", "rkd"])
-    q.add_argument("--feat-weight", type=float, default=None, help="feature loss weight (default: mse 1, at 100, rkd 1)")
+    q.add_argument("--feat-weight", type=float, default=None, help="feature loss weight (default, official: mse 1, at 1000, "
+                                                                    "rkd 1 on distance 25 + angle 50)")
     q.add_argument("--t-policy", default="rl", choices=["rl", "fixed", "random"])
     q.add_argument("--t", type=int, default=10, help="fixed: the timestep")
     q.add_argument("--t-bins", type=int, default=1000, help="the policy's categorical: bins over [0, t_max)")
     q.add_argument("--t-max", type=int, default=None, help="t ranges over [0, t_max) (default: the teacher's T)")
     q.add_argument("--entropy-coef", type=float, default=0.1)
     q.add_argument("--entropy-decay-steps", type=int, default=None, help="entropy bonus reaches 0 here (default: steps / 2)")
-    q.add_argument("--baseline-momentum", type=float, default=0.9)
-    q.add_argument("--head-hidden", type=int, default=256)
+    q.add_argument("--baseline", default="none", choices=["none", "ema"],
+                   help="REINFORCE baseline: none (the official code: advantage = reward) or a moving average")
+    q.add_argument("--baseline-momentum", type=float, default=0.9, help="--baseline ema: its momentum")
+    q.add_argument("--head-hidden", type=int, default=None, help="task head width (default: the teacher feature's, 256 "
+                                                                   "for google/ddpm-cifar10-32, as the official 256-256-K MLP)")
+    q.add_argument("--head-layernorm", action="store_true", help="LayerNorm the teacher feature before the task head (not official)")
+    q.add_argument("--policy-zero-init", action="store_true", help="start the policy uniform (zero last layer; not official)")
     q.add_argument("--hist-every", type=int, default=None, help="steps per row of the t histogram (default: steps / 10)")
     q.add_argument("--labels-per-class", type=int, default=None, help="labels the task head may read (default: all)")
     q.add_argument("--labeled-fraction", type=float, default=None)
@@ -1344,7 +1373,7 @@ def build_parser():
                       ("scratch", "the same model from scratch, same labels")):
         q = sub.add_parser(name, help=hlp)
         add_common_args(q, f"runs/repfusion/{name}", data=name == "scratch")
-        add_train_args(q, steps=20_000, batch_size=128, lr=1e-3)
+        add_train_args(q, steps=156_250, batch_size=64, lr=1e-3, grad_clip=0.0)  # official: 200 epochs of 50k at batch 64
         add_task_args(q)
         if name == "finetune":
             q.add_argument("--ckpt", required=True, help="a distill checkpoint folder (OUT_DIR/ckpt)")

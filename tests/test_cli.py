@@ -95,7 +95,8 @@ def test_a_finished_run_is_never_silently_replaced_and_resume_continues_only_the
     ckpt = open(tmp_path / "run" / "ckpt" / "model.safetensors", "rb").read()
     with pytest.raises(UserError, match="holds another run .*pass --overwrite to replace it, --resume to continue"):
         pretrain(tmp_path / "run", "--steps", "2")
-    with pytest.raises(UserError, match=r"--resume: --lr 0.01 \(the run has 0.0001\), --seed 3 \(the run has 0\) differ "):
+    # the default lr: the official 1e-4 per 128 samples at --batch-size 8
+    with pytest.raises(UserError, match=r"--resume: --lr 0.01 \(the run has 6.25e-06\), --seed 3 \(the run has 0\) differ "):
         pretrain(tmp_path / "run", "--resume", "--steps", "6", "--lr", "0.01", "--seed", "3")
     with pytest.raises(UserError, match="--steps 2: the checkpoint in .* is at step 4 already"):
         pretrain(tmp_path / "run", "--resume", "--steps", "2")

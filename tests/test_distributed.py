@@ -62,7 +62,7 @@ def stages(root):
         ("ddae_probe", "finetune", ["finetune", "--ckpt", d("dp_ddpm", "ckpt"), "--out-dir", d("dp_finetune"), "--layer", "mid",
                                     "--t", "100", "--labels-per-class", "4", "--n-test", "64", *train]),
         ("ddae_probe", "noisy", ["noisy", "--ckpt", d("dp_ddpm", "ckpt"), "--out-dir", d("dp_noisy"), "--layer", "mid",
-                                 "--t", "0", "500", "--labels-per-class", "4", "--n-test", "30", "--eval-batch-size", "8", *train]),
+                                 "--t", "1", "500", "--labels-per-class", "4", "--n-test", "30", "--eval-batch-size", "8", *train]),
         ("diffusion_classifier", "train", ["train", "--out-dir", d("dc_train"), "--model", "DiT-XS/8", "--image-size", "16",
                                            "--n-val", "16", *train]),
         ("repfusion", "distill", ["distill", "--teacher", d("dp_ddpm", "ckpt"), "--out-dir", d("rf_distill"), "--student", "resnet18",

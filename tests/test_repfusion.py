@@ -111,6 +111,48 @@ def test_policy_gradient_moves_mass_toward_reward(sign):
     assert (p[5] > 0.6) if sign > 0 else (p[5] < 0.02)
 
 
+def test_official_policy_head_losses_and_recipe_defaults():
+    """Repfusion's released code: PolicyNet_Cov (LeNet-5, unpadded 5x5 convs, 1000 actions, default init), the task head
+    Linear(256, 256)-ReLU-Linear(256, 256)-ReLU-Linear(256, K) without LayerNorm, AT (losses/at.py) at kd_weight 1000,
+    RKD (losses/rkd.py) distance 25 + angle 50, REINFORCE without a baseline, clean teacher input, SGD-free defaults
+    we can match: EMA 0.999, no clipping; fine-tuning batch 64."""
+    pol = rf.PolicyNet(3, 1000)
+    assert [tuple(p.shape) for p in pol.parameters()] == [(6, 3, 5, 5), (6,), (16, 6, 5, 5), (16,), (120, 400), (120,),
+                                                          (84, 120), (84,), (1000, 84), (1000,)]
+    x = torch.randn(2, 3, 32, 32)
+    conv = F.max_pool2d(F.relu(pol.conv2(F.max_pool2d(F.relu(pol.conv1(x)), 2))), 2)
+    assert conv.shape == (2, 16, 5, 5) and pol.fc3.weight.abs().sum() > 0  # 400 features without pooling; default init
+    head = rf.TaskHead(256, 10)
+    assert [tuple(p.shape) for p in head.parameters()] == [(256, 256), (256,), (256, 256), (256,), (10, 256), (10,)]
+    assert isinstance(head.norm, torch.nn.Identity)
+    g = torch.Generator().manual_seed(0)
+    fs, ft = torch.randn(4, 8, 8, 8, generator=g), torch.randn(4, 16, 4, 4, generator=g)
+
+    def at_map(fm, eps=1e-6):  # losses/at.py
+        am = fm.abs().pow(2).sum(1, keepdim=True)
+        return am / (am.norm(dim=(2, 3), keepdim=True) + eps)
+    want = F.mse_loss(at_map(F.interpolate(fs, (4, 4), mode="bilinear")), at_map(ft))
+    assert abs(rf.at_loss(fs, ft).item() - want.item()) < 1e-6 and rf.FEAT_WEIGHT["at"] == 1000.0
+    s, t = torch.randn(6, 5, generator=g), torch.randn(6, 7, generator=g)
+
+    def pdist(e):  # losses/rkd.py
+        sq = e.pow(2).sum(1)
+        d = (sq[:, None] + sq[None] - 2 * e @ e.t()).clamp(min=1e-12).sqrt().clone()
+        d[range(len(e)), range(len(e))] = 0
+        return d
+
+    def angle(e):
+        v = F.normalize(e[None] - e[:, None], p=2, dim=2)
+        return torch.bmm(v, v.transpose(1, 2)).view(-1)
+    td, sd = pdist(t), pdist(s)
+    want = 25 * F.smooth_l1_loss(sd / sd[sd > 0].mean(), td / td[td > 0].mean()) + 50 * F.smooth_l1_loss(angle(s), angle(t))
+    assert abs(rf.rkd_loss(s, t).item() - want.item()) < 1e-5 and rf.FEAT_WEIGHT["rkd"] == 1.0
+    d = rf.build_parser().parse_args(["distill", "--teacher", "x"])
+    assert (d.teacher_input, d.baseline, d.grad_clip, d.ema_decay, d.t_bins, d.head_hidden) == ("clean", "none", 0.0, 0.999, 1000, None)
+    f = rf.build_parser().parse_args(["finetune", "--ckpt", "x"])
+    assert (f.batch_size, f.grad_clip, f.labels_per_class, f.labeled_fraction) == (64, 0.0, None, None)
+
+
 # ---------------------------------------------------------------------------------------------- the RL loop end to end
 
 class OneBinTeacher(rf.Teacher):
@@ -131,6 +173,9 @@ class OneBinTeacher(rf.Teacher):
         return f, f[:, :, None, None]
 
 
+RL_FLAGS = ["--baseline", "ema"]  # 40 steps: without a baseline (the official default) the toy policy moves too slowly
+
+
 def test_rl_policy_learns_the_informative_timestep(tmp_path):
     root = tmp_path / "const"
     for c in range(10):
@@ -140,7 +185,7 @@ def test_rl_policy_learns_the_informative_timestep(tmp_path):
     teacher = OneBinTeacher(good_bin=2, n_bins=4)
     m = run(["distill", "--teacher", "toy", "--data", str(root), "--out-dir", str(tmp_path / "rl"), "--steps", "40",
              "--log-every", "20", "--t-bins", "4", "--entropy-coef", "0.01", "--lr", "1e-2", "--device", "cpu",
-             "--width", "4", "--batch-size", "32", "--no-augment"], teacher=teacher)
+             "--width", "4", "--batch-size", "32", "--no-augment", *RL_FLAGS], teacher=teacher)
     assert m["t_hist_last"]["fraction"][2] > 0.6, m["t_hist_last"]
     assert m["t_hist"]["n"] == 40 * 32
     hist = json.load(open(tmp_path / "rl" / "t_hist.json"))

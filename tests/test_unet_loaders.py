@@ -467,10 +467,10 @@ def test_ddae_probe_reads_a_public_unet(tmp_path, public_unets, fmt, layers, our
     """probe --unet-path: official layer names become ours, the file's schedule drives the noise, the grid is written."""
     out = tmp_path / "probe"
     m = dp.main(dp.build_parser().parse_args(
-        ["probe", "--unet-path", public_unets[fmt], "--data", "shapes", "--image-size", "16", "--layers", *layers, "--t", "0", "50",
+        ["probe", "--unet-path", public_unets[fmt], "--data", "shapes", "--image-size", "16", "--layers", *layers, "--t", "1", "50",
          "--labels-per-class", "4", "--n-test", "40", "--views", "1", "--probe-epochs", "2", "--batch-size", "40",
          "--no-raw-pixel", "--device", "cpu", "--out-dir", str(out)]))
-    assert m["layers"] == ours and m["t"] == [0, 50] and 0 <= m["probe_best_acc"] <= 1
+    assert m["layers"] == ours and m["t"] == [1, 50] and 0 <= m["probe_best_acc"] <= 1
     assert json.load(open(out / "grid.json"))["layers"] == ours
     with pytest.raises(UserError, match="--ckpt or --unet-path, not both"):
         dp.main(dp.build_parser().parse_args(["probe", "--unet-path", public_unets[fmt], "--ckpt", public_unets[fmt], "--data", "shapes",
@@ -481,14 +481,14 @@ def test_align_finetune_and_noisy_read_a_public_unet(tmp_path, public_unets):
     """The other stages take --unet-path too; the frozen trunk the noisy classifier trains on carries the file's weights."""
     from safetensors.torch import load_file
     common = ["--unet-path", public_unets["diffusers"], "--data", "shapes", "--image-size", "16", "--device", "cpu"]
-    m = dp.main(dp.build_parser().parse_args(["align", *common, "--layers", "out_2", "mid_block", "--t", "0", "50", "--n-images", "32",
+    m = dp.main(dp.build_parser().parse_args(["align", *common, "--layers", "out_2", "mid_block", "--t", "1", "50", "--n-images", "32",
                                               "--batch-size", "32", "--out-dir", str(tmp_path / "align")]))
-    assert m["layers"] == ["mid", "up.1"] and m["t"] == [0, 50]
+    assert m["layers"] == ["mid", "up.1"] and m["t"] == [1, 50]
     small = ["--labels-per-class", "4", "--n-test", "40", "--steps", "2", "--batch-size", "8", "--log-every", "1"]
     m = dp.main(dp.build_parser().parse_args(["finetune", *common, *small, "--layer", "down_blocks.0.downsamplers.0", "--t", "10",
                                               "--no-scratch", "--out-dir", str(tmp_path / "ft")]))
     assert m["layer"] == "down.1" and 0 <= m["finetune_acc"] <= 1
-    dp.main(dp.build_parser().parse_args(["noisy", *common, *small, "--layer", "out_3", "--t", "0", "500",
+    dp.main(dp.build_parser().parse_args(["noisy", *common, *small, "--layer", "out_3", "--t", "1", "500",
                                           "--out-dir", str(tmp_path / "noisy")]))
     trunk = load_file(tmp_path / "noisy" / "ckpt" / "model.safetensors")
     ref = load_file(os.path.join(public_unets["diffusers"], "diffusion_pytorch_model.safetensors"))
@@ -514,6 +514,8 @@ def test_repfusion_distills_from_a_public_unet(tmp_path, public_unets, fmt, laye
          "--out-dir", str(tmp_path / "d"), "--steps", "2", "--log-every", "1", "--t-policy", "fixed", "--t", "10",
          "--device", "cpu", "--student", "resnet18", "--width", "4", "--batch-size", "8"]))
     assert m["teacher_layer"] == ours and m["teacher_dim"] == dim and math.isfinite(m["final_feat_loss"])
+    if fmt == "diffusers":  # no --teacher-layer with a diffusers folder: the official teacher feature
+        assert rf.load_teacher(public_unets[fmt], None, "clean", "cpu", data_spec="shapes", image_size=16).layer == "mid.block2.conv2"
     with pytest.raises(UserError, match=r"images are \(3, 32, 32\), the UNet .* takes \(3, 16, 16\)"):
         rf.load_teacher(public_unets[fmt], layer, data_spec="shapes")
     with pytest.raises(UserError, match="a public UNet needs --data"):
