@@ -415,10 +415,10 @@ def bench_probe_grid(args, device):
     if not args.full:
         names = models.UNet(**models.UNet_models[preset]).layer_names()
         layers = names[::6] if args.smoke else names[1::3]
-    t = size(args, [0, 100], [0, 25, 100], None)
+    t = size(args, [1, 101], [1, 26, 101], None)  # the paper's t of a UNet, counted from 1 as DDAE's code
     lpc, n_test, epochs = size(args, (3, 20, 2), (10, 100, 5), (20, 200, 15))
     # warm-up (allocator, oneDNN/cuDNN set-up, data on the device): else the grid, timed first, pays for it alone
-    dp.bench_grid(ckpt, t=[0], layers=["mid"], labels_per_class=lpc, n_test=n_test, views=1, probe_epochs=1, device=device.type)
+    dp.bench_grid(ckpt, t=[1], layers=["mid"], labels_per_class=lpc, n_test=n_test, views=1, probe_epochs=1, device=device.type)
     r = dp.bench_grid(ckpt, t=t, layers=layers, labels_per_class=lpc, n_test=n_test, views=1, probe_epochs=epochs,
                       device=device.type)
     config = f"UNet {preset}, {r['layers']} layers x {r['levels']} t = {r['cells']} cells, {r['n_train']} train / {r['n_test']} test, {epochs} epochs"

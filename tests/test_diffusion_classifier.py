@@ -316,8 +316,8 @@ def test_dc0_single_timestep_x0_error(trained, tmp_path):
     i = args.index("--n-samples")
     m = run(args[:i] + args[i + 2:] + ["--t", "300", "--target", "x0", "--n-noise", "2"])
     assert m["nfe_per_image"] == 20 and m["t_grid"] == [300, 300] and m["target"] == "x0"
-    with pytest.raises(UserError, match="--n-noise needs an explicit --t"):
-        run(classify_args(trained, tmp_path / "bad", "--n-noise", "2"))
+    m = run(classify_args(trained, tmp_path / "grid2", "--n-noise", "2"))  # draws per grid timestep too (the official n_trials)
+    assert m["t_grid"] == [t for t in dc.timestep_grid(1000, 8) for _ in range(2)] and m["nfe_per_image"] == 10 * 16
     with pytest.raises(UserError, match="--shard"):
         run(classify_args(trained, tmp_path / "bad2", "--shard", "2/2"))
 
