@@ -1230,7 +1230,8 @@ def pipeline(args):
     lab = ["--labels-per-class", str(args.labels_per_class)]
     # the bare run's CPU recipe, passed explicitly (the stages default to the official one): clipping at 1
     train = ["--batch-size", str(args.batch_size), "--lr", str(args.lr), "--log-every", "50", "--ema-decay", str(args.ema_decay),
-             "--grad-clip", "1.0", *(["--overwrite"] if args.overwrite else [])]
+             "--grad-clip", "1.0", "--optimizer", "adamw", "--weight-decay", "0", "--no-nesterov", "--lr-steps",
+             *(["--overwrite"] if args.overwrite else [])]
     # ... and, for the policy on 400 steps, a moving-average baseline, a uniform start and a LayerNormed 256-wide head
     policy = ["--baseline", "ema", "--policy-zero-init", "--head-layernorm", "--head-hidden", "256"]
     p = build_parser()
@@ -1332,7 +1333,9 @@ def build_parser():
 
     q = sub.add_parser("distill", help="distil the teacher's features into the student (with the t policy)")
     add_common_args(q, "runs/repfusion/distill", test=False)
-    add_train_args(q, steps=78_000, batch_size=128, lr=1e-3, grad_clip=0.0)  # 200 epochs of CIFAR-10 at batch 128, no clipping
+    # the official schedule: 200 epochs of CIFAR-10 at batch 128, SGD 0.1 (momentum 0.9, wd 1e-4) x0.1 at epochs 100, 150
+    add_train_args(q, steps=78_000, batch_size=128, lr=0.1, grad_clip=0.0, optimizer="sgd", weight_decay=1e-4,
+                   lr_steps=(39_000, 58_500))
     q.set_defaults(ema_decay=0.999)  # the official EMAHook(momentum=0.001)
     q.add_argument("--teacher", required=True, help="a ddae_probe.py or repcond_dit.py run (OUT_DIR or OUT_DIR/ckpt), an "
                                                    "official DiT .pt file, or a public UNet: a diffusers UNet2DModel folder "
@@ -1373,7 +1376,9 @@ def build_parser():
                       ("scratch", "the same model from scratch, same labels")):
         q = sub.add_parser(name, help=hlp)
         add_common_args(q, f"runs/repfusion/{name}", data=name == "scratch")
-        add_train_args(q, steps=156_250, batch_size=64, lr=1e-3, grad_clip=0.0)  # official: 200 epochs of 50k at batch 64
+        # official: 200 epochs of 50k at batch 64, SGD 0.1 with Nesterov momentum, wd 1e-4, x0.1 at epochs 100 and 150
+        add_train_args(q, steps=156_250, batch_size=64, lr=0.1, grad_clip=0.0, optimizer="sgd", weight_decay=1e-4, nesterov=True,
+                       lr_steps=(78_125, 117_188))
         add_task_args(q)
         if name == "finetune":
             q.add_argument("--ckpt", required=True, help="a distill checkpoint folder (OUT_DIR/ckpt)")

@@ -355,7 +355,7 @@ def check_resume(ckpt_dir, args):
 
 
 def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0, params=None):
-    """The training loop every script uses: AdamW, warm-up, grad clipping, EMA, AMP, compile, DDP,
+    """The training loop every script uses: AdamW or SGD, warm-up and lr steps, grad clipping, EMA, AMP, compile, DDP,
     atomic checkpoints every --ckpt-every steps, exact --resume, NaN stop, log.jsonl.
 
     loss_fn(net, x, y, step) -> scalar loss, where net is the (DDP/compiled) model. Returns (model, ema).
@@ -372,7 +372,11 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     fused = device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), fused=fused)
+    if args.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), fused=fused)
+
     ckpt_dir = os.path.join(out_dir, "ckpt")
     amp = resolve_amp(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # its loss scale is training state: checkpointed
@@ -421,7 +425,7 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for step in range(start, args.steps):
-        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup)) * 0.1 ** sum(step >= m for m in args.lr_steps)
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = loader.batch(step)
@@ -475,13 +479,19 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
     return model, ema
 
 
-def add_train_args(p, steps, batch_size, lr, grad_clip=1.0, ema_warmup=True):
+def add_train_args(p, steps, batch_size, lr, grad_clip=1.0, ema_warmup=True, optimizer="adamw", weight_decay=0.0,
+                   nesterov=False, lr_steps=()):
     """The training flags every script shares (same names everywhere), with this stage's defaults."""
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=batch_size, help="global batch, across ranks")
     p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--optimizer", default=optimizer, choices=["adamw", "sgd"], help="adamw: betas (0.9, 0.999); sgd: --momentum")
+    p.add_argument("--momentum", type=float, default=0.9, help="sgd's momentum")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=nesterov, help="sgd: Nesterov momentum")
+    p.add_argument("--weight-decay", type=float, default=weight_decay)
     p.add_argument("--warmup", type=int, default=0, help="linear lr warm-up steps")
+    p.add_argument("--lr-steps", type=int, nargs="*", default=list(lr_steps),
+                   help="multiply the lr by 0.1 at each of these steps (a step schedule; give it again when you change --steps)")
     p.add_argument("--grad-clip", type=float, default=grad_clip, help="max global gradient norm (0: no clipping)")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=ema_warmup,

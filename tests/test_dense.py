@@ -273,7 +273,8 @@ def test_official_model_shapes():
 
 def _dense_run(stage, out, *extra):
     args = rf.build_parser().parse_args([stage, "--out-dir", str(out), "--device", "cpu", "--batch-size", "32",
-                                         "--lr", "3e-3", "--ema-decay", "0.9", "--log-every", "10", *extra])
+                                         "--lr", "3e-3", "--ema-decay", "0.9", "--log-every", "10",
+                                         "--optimizer", "adamw", "--weight-decay", "0", "--lr-steps", *extra])  # short runs: Adam
     return (rf.finetune if stage == "finetune" else rf.scratch)(args)
 
 

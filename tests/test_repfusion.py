@@ -17,7 +17,9 @@ import repfusion as rf
 from data import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--device", "cpu", "--student", "resnet18", "--width", "4", "--batch-size", "16", "--lr", "2e-3"]
+# AdamW at 2e-3 (the official SGD 0.1 schedule is the stages' default; these tiny runs learn in a few steps with Adam)
+ADAM = ["--optimizer", "adamw", "--weight-decay", "0", "--lr-steps"]
+TINY = ["--device", "cpu", "--student", "resnet18", "--width", "4", "--batch-size", "16", "--lr", "2e-3", *ADAM]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 
 
@@ -173,7 +175,7 @@ class OneBinTeacher(rf.Teacher):
         return f, f[:, :, None, None]
 
 
-RL_FLAGS = ["--baseline", "ema"]  # 40 steps: without a baseline (the official default) the toy policy moves too slowly
+RL_FLAGS = ["--baseline", "ema", *ADAM]  # 40 steps: without a baseline (the official default) the toy policy moves too slowly
 
 
 def test_rl_policy_learns_the_informative_timestep(tmp_path):
@@ -312,3 +314,30 @@ def test_an_official_dit_file_is_a_teacher_as_in_every_script(tmp_path):
     assert m["teacher_kind"] == "dit" and m["teacher_dim"] == 128 and math.isfinite(m["final_feat_loss"])
     with pytest.raises(UserError, match="official DiT file needs --data"):
         rf.load_teacher(str(tmp_path / "dit.pt"))
+
+
+def test_official_optimizer_and_step_schedule(tmp_path):
+    """distill: SGD 0.1, momentum 0.9, wd 1e-4, x0.1 at epochs 100 and 150 of 200 (the official CIFAR configs);
+    finetune / scratch: the same with Nesterov momentum. fit multiplies the lr by 0.1 at each --lr-steps step."""
+    d = rf.build_parser().parse_args(["distill", "--teacher", "x"])
+    assert (d.optimizer, d.lr, d.momentum, d.weight_decay, d.nesterov, d.lr_steps) == ("sgd", 0.1, 0.9, 1e-4, False, [39_000, 58_500])
+    assert d.lr_steps == [d.steps // 2, d.steps * 3 // 4]
+    f = rf.build_parser().parse_args(["finetune", "--ckpt", "x"])
+    assert (f.optimizer, f.lr, f.nesterov, f.weight_decay, f.batch_size) == ("sgd", 0.1, True, 1e-4, 64)
+    assert f.lr_steps == [f.steps // 2, round(f.steps * 0.75)]
+    import argparse
+    import training
+    p = argparse.ArgumentParser()
+    training.add_train_args(p, 8, 4, 0.1, optimizer="sgd", nesterov=True, lr_steps=(4, 6))
+    training.add_common_args(p, str(tmp_path))
+    args = p.parse_args(["--log-every", "1", "--device", "cpu", "--no-compile"])
+
+    class Batches:
+        def batch(self, step):
+            return torch.randn(4, 3), torch.zeros(4, dtype=torch.long)
+    model = torch.nn.Linear(3, 2)
+    training.fit(model, lambda net, x, y, step: F.cross_entropy(net(x), y), Batches(), args, training.Dist(), str(tmp_path), {})
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "log.jsonl")]
+    assert lrs == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
+    state = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)["optimizer"]
+    assert state["param_groups"][0]["nesterov"] and "momentum_buffer" in state["state"][0]
