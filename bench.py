@@ -172,7 +172,6 @@ def bench_dc_train(args, device):
 def bench_ddae_train(args, device):
     """ddae_probe.py `pretrain`: one unconditional UNet step; --full: the DDPM UNet (35.7M, ddpm objective) and EDM's
     DDPM++ (55.7M, edm objective), both on 32x32 images at batch 128 (DDPM's; EDM's 512 was over 8 GPUs)."""
-    import ddae_probe as dp
     H = size(args, 16, 32, 32)
     presets = size(args, [("tiny", "ddpm", 4)], [("tiny", "ddpm", 32)], [("ddpm", "ddpm", 128), ("ddpmpp", "edm", 128)])
     dist = training.Dist(device=str(device))
