@@ -354,10 +354,9 @@ def sample(args):
     # guidance on the first 3 latent channels reproduces the official DiT's sample.py; this project's runs guide all
     guided = args.cfg_channels if args.cfg_channels is not None else 3 if cfg.get("official") else None
 
-    def z_of(ds, rows):  # clean z0 of data rows (N,): encoded images, or a latents file's posterior means
-        if ds.images is not None:
-            return space.encode(data.to_float(ds.images[rows].to(dist.device)), generator=False)
-        return ds.latents["mean"][rows].float().to(dist.device) * ds.scaling_factor
+    def z_of(ds, rows):  # clean z0 of data rows (N,): data.iterate's batch (images, or latents' mean x scale), encoded
+        x, _, _ = next(data.iterate(ds.subset(rows), len(rows), dist.device))
+        return space.encode(x, generator=False).float()
 
     samples = []
     for s in range(0, n, args.batch_size):
