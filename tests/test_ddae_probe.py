@@ -24,14 +24,7 @@ SMALL = ["--labels-per-class", "10", "--n-test", "100", "--device", "cpu"]
 CACHED = ["--protocol", "cached"]  # the fast grid (the probe stage's default is the official protocol)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: one intra-op thread is as fast on an idle machine and several times faster on a
-    loaded, shared one (OpenMP threads spin-wait). Restored after this file."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for these tiny tensors
 
 
 def run(argv):

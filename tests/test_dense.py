@@ -14,12 +14,7 @@ import repfusion as rf
 from data import UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for these tiny tensors
 
 # ----------------------------------------------------------------------------------------------
 # CelebAMask-HQ

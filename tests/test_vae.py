@@ -23,14 +23,7 @@ REFERENCE = os.environ.get("REFERENCE_DIR", os.path.join(ROOT, "tests", "referen
 TOL = 1e-4  # max abs difference vs diffusers, fp32 on the CPU
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CPU is shared: with 2 OpenMP threads and a busy neighbour, each small op stalls ~7 ms on the
-    barrier and the SD-size forward is 3x slower. One thread here, restored for the other test files."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for these tiny tensors
 
 
 def diffusers_vae(name, seed=0):
