@@ -35,6 +35,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import cli
 import repcond_dit as rd
 import models
 import training
@@ -181,7 +182,7 @@ def bench_ddae_train(args, device):
         obj = models.make_objective({"objective": objective}, device)
         x0 = torch.rand(B, 3, H, H, device=device) * 2 - 1
         x0 = x0.to(memory_format=models.mem_format(x0))  # channels_last on CUDA, as pretrain
-        build = lambda preset=preset: models.UNet(**dict(models.UNet_models[preset], in_channels=3, image_size=H))  # noqa: E731
+        build = lambda preset=preset: models.UNet(**dict(cli.UNet_models[preset], in_channels=3, image_size=H))  # noqa: E731
         rows += train_rows(args, device, "ddae_train", f"UNet {preset} ({objective}) on 3x{H}x{H}", B, build,
                            lambda net, model, step, obj=obj, x0=x0: obj.loss(net, x0, step, 0, dist), conv=True)
     return rows
@@ -412,7 +413,7 @@ def bench_probe_grid(args, device):
     ckpt, preset, _ = ddae_checkpoint(args, device)
     layers = None  # --full: every layer
     if not args.full:
-        names = models.UNet(**models.UNet_models[preset]).layer_names()
+        names = models.UNet(**cli.UNet_models[preset]).layer_names()
         layers = names[::6] if args.smoke else names[1::3]
     t = size(args, [1, 101], [1, 26, 101], None)  # the paper's t of a UNet, counted from 1 as DDAE's code
     lpc, n_test, epochs = size(args, (3, 20, 2), (10, 100, 5), (20, 200, 15))

@@ -10,6 +10,7 @@ evaluation pass; `stream` decodes folders too large for memory with DataLoader w
 
     import data
     ds = data.load("shapes")                          # built in: 10 classes, 5000 train / 1000 test
+    ds = data.load("digits")                          # real, ships with scikit-learn: 1442 train / 355 test
     ds = data.load("cifar10", split="test")           # finds the official files in $DATA_DIR
     ds = data.load("photos/", image_size=64)          # class sub-folders, ADM center crop to 64
     ds = data.load("CelebAMask-HQ/", split="val")     # images + masks (N, 512, 512), the official partition
@@ -32,13 +33,26 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from cli import HelpFormatter, UserError  # UserError: every module's one-line error (data.UserError)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Load a data set, print a summary and optionally save a preview grid.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--data", default="shapes", help="shapes | digits | shapes-seg | shapes-landmarks | cifar10 | cifar100 | tinyimagenet | "
+                                                    "celebamask-hq | wflw | a path")
+    p.add_argument("--split", default="train", choices=["train", "test", "val"])
+    p.add_argument("--image-size", type=int, default=None, help="resize (ADM center crop) to this many pixels")
+    p.add_argument("--grid", default=None, help="write a preview grid PNG here")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help, or a line argparse refuses, answered before the imports below (torch: about 2 s)
+
 import numpy as np
 import torch
 from PIL import Image
-
-
-class UserError(Exception):
-    """Something the user got wrong (path, file, flag); the message is one line naming it."""
 
 
 def _one_line(e):
@@ -205,6 +219,46 @@ def _resize_all(images, size):
     arrays = images.permute(0, 2, 3, 1).numpy()
     out = list(_pmap(lambda a: np.asarray(center_crop(Image.fromarray(a), size)), arrays))
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+# -----------------------------------------------------------------------------
+# `digits`: a small real data set that ships in a package (no download): scikit-learn's 1,797 handwritten digits
+# (the UCI optdigits test set: 8 x 8 pixels, 17 grey levels, 10 classes), read from the package's own file as
+# sklearn.datasets.load_digits reads it, without importing scikit-learn. The package has no train/test split; ours is
+# fixed and stratified: every fifth image of each class, in file order, is test (355), the rest train (1,442). Grey ink
+# on black, as the file holds it, replicated to RGB; default 32 x 32 (as shapes; the ADM resize, bicubic),
+# --image-size 8 is the file's resolution.
+
+DIGITS_FILE = ("sklearn", "datasets", "data", "digits.csv.gz")
+
+
+def _digits_file():
+    import importlib.util
+    spec = importlib.util.find_spec(DIGITS_FILE[0])
+    path = os.path.join(os.path.dirname(spec.origin), *DIGITS_FILE[1:]) if spec and spec.origin else None
+    if path is None or not os.path.isfile(path):
+        raise UserError("--data digits: the 8 x 8 digits ship with scikit-learn, which is not installed "
+                        "(pip install scikit-learn)")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_raw():
+    """-> uint8 (1797, 8, 8) in [0, 255] (the file's 0..16 scaled by 255 / 16, rounded), int64 labels (1797,)."""
+    table = np.loadtxt(_digits_file(), delimiter=",", dtype=np.float64)  # (1797, 65): 64 pixels (row-major) + label
+    pixels = np.round(table[:, :64] * (255 / 16)).astype(np.uint8).reshape(-1, 8, 8)
+    return pixels, table[:, 64].astype(np.int64)
+
+
+def _load_digits(split, image_size=None):
+    pixels, labels = _digits_raw()
+    rank = np.zeros(len(labels), np.int64)  # each image's index among its class's images, in file order
+    for k in range(10):
+        rank[labels == k] = np.arange((labels == k).sum())
+    keep = (rank % 5 == 4) == (split == "test")
+    images = torch.from_numpy(np.repeat(pixels[keep][:, None], 3, axis=1))  # (N, 3, 8, 8)
+    images = _resize_all(images, image_size or 32)
+    return Dataset(images.contiguous(), torch.from_numpy(labels[keep]), [str(k) for k in range(10)])
+
 
 # -----------------------------------------------------------------------------
 # CIFAR-10/100: the official python pickles (through a restricted unpickler) or the binary version
@@ -864,7 +918,7 @@ def _resolve(spec):
         raise UserError(f"--data {spec}: none of {', '.join(DATA_NAMES[spec])} in {root}/ (set $DATA_DIR, "
                         f"or pass the path of the downloaded file or folder)")
     if not os.path.exists(spec):
-        raise UserError(f"--data {spec}: no such file or folder (expected shapes, {', '.join(DENSE_SHAPES)}, {', '.join(DATA_NAMES)}, "
+        raise UserError(f"--data {spec}: no such file or folder (expected shapes, digits, {', '.join(DENSE_SHAPES)}, {', '.join(DATA_NAMES)}, "
                         f"or a path to a CIFAR tarball/folder, image folder or latents .safetensors)")
     return spec
 
@@ -879,6 +933,8 @@ def load(spec, split="train", image_size=None, flag="--test-data"):
         raise UserError(f"--image-size {image_size}: expected a positive number of pixels")
     if spec == "shapes":
         return _load_shapes(split, image_size)
+    if spec == "digits":
+        return _load_digits(split, image_size)
     if spec in DENSE_SHAPES:
         return _load_shapes_dense(DENSE_SHAPES[spec], split, image_size)
     path = _resolve(spec)
@@ -1164,16 +1220,6 @@ def main(args):
             idx = torch.arange(min(64, len(ds)))
         save_grid(ds.images[idx], args.grid, nrow=8)
         print(f"wrote {args.grid}")
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Load a data set, print a summary and optionally save a preview grid.")
-    p.add_argument("--data", default="shapes", help="shapes | shapes-seg | shapes-landmarks | cifar10 | cifar100 | tinyimagenet | "
-                                                    "celebamask-hq | wflw | a path")
-    p.add_argument("--split", default="train", choices=["train", "test", "val"])
-    p.add_argument("--image-size", type=int, default=None, help="resize (ADM center crop) to this many pixels")
-    p.add_argument("--grid", default=None, help="write a preview grid PNG here")
-    return p.parse_args(argv)
 
 
 if __name__ == "__main__":

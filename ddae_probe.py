@@ -36,6 +36,157 @@ import shutil
 import time
 from functools import partial
 
+from cli import (add_common_args, add_train_args, answer_early, DiT_models, HelpFormatter, INCEPTION_FILE, run,
+                 UNet_models)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: first, and standard library only, so that --help answers before torch loads
+
+
+PIPELINE_T = {"ddpm": [1, 26, 101, 251], "edm": [0.01, 0.06, 0.3, 1.0]}  # ddpm: the paper's t (indices 0, 25, 100, 250)
+
+
+def add_backbone_args(q, stage, batch=True):
+    """What every evaluation stage reads: the network, the data, the labeled subset."""
+    add_common_args(q, f"runs/ddae/{stage}")
+    q.set_defaults(data=None)
+    q.add_argument("--ckpt", default=None, help="a pretrain run (OUT_DIR or OUT_DIR/ckpt) of ddae_probe or repcond_dit, or an "
+                                                 "official DiT .pt file (used with the null label)")
+    q.add_argument("--unet-path", default=None, help="a public UNet with its schedule: a diffusers UNet2DModel folder "
+                                                      "(google/ddpm-cifar10-32, ...) or a guided-diffusion .pt file; needs --data")
+    q.add_argument("--labels-per-class", type=int, default=None, help="probe/fine-tune on a class-balanced subset")
+    q.add_argument("--n-test", type=int, default=0, help="evaluate on a random subset of the test split (0: all)")
+    if batch:
+        q.add_argument("--batch-size", type=int, default=256, help="feature extraction batch")
+
+
+def add_probe_args(q):
+    q.add_argument("--t", type=float, nargs="+", default=None,
+                   help="noise levels: ddpm timesteps as the paper counts them (UNet: from 1, the official t = 11 is 11; DiT: from 0) "
+                        "or edm sigmas (default: the official grid 1 11 21 and a sweep above it)")
+    q.add_argument("--layers", nargs="+", default=None, help="layer names (default: every down, mid and up block); official "
+                                                               "names too: DDAE's out_k, diffusers / guided-diffusion block paths")
+    q.add_argument("--protocol", default="official", choices=["official", "cached"],
+                   help="official: DDAE's linear.py (nn.Linear, default init, raw features, fresh noise + crop (zero pad 4) + "
+                        "flip every step, Adam lr x world size, batch per process, cosine per epoch); cached: the fast grid "
+                        "(--views cached views with fixed noise, standardised features, zero-init heads, reflect padding)")
+    q.add_argument("--views", type=int, default=4, help="--protocol cached: cached views of the train set: view 0 as is, "
+                                                        "others random crop + flip")
+    q.add_argument("--probe-epochs", type=int, default=15)
+    q.add_argument("--probe-lr", type=float, default=1e-3)
+    q.add_argument("--probe-batch-size", type=int, default=128, help="official: per process (lr x world size); cached: global")
+    q.add_argument("--cache-dir", default=None, help="keep features on disk (safetensors per split, t, view) instead of memory")
+    q.add_argument("--no-raw-pixel", action="store_true", help="skip the raw-pixel baseline")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                                allow_abbrev=False)  # exact flags: a prefix here would swallow a subcommand's flag
+    add_common_args(p, "runs/ddae")
+    p.add_argument("--objective", default="ddpm", choices=["ddpm", "edm"])
+    p.add_argument("--steps", type=int, default=400, help="pipeline: pretrain steps of the tiny UNet")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--views", type=int, default=2, help="pipeline probe: cached train views")
+    p.add_argument("--labels-per-class", type=int, default=100, help="pipeline probe: labeled train images per class")
+    p.add_argument("--n-test", type=int, default=0)
+    p.add_argument("--probe-lr", type=float, default=1e-2,
+                   help="pipeline probe lr: 15 epochs of 1000 images are 120 steps, too few for the paper's 1e-3")
+    p.add_argument("--t", type=float, nargs="+", default=None, help=f"pipeline probe levels (default {PIPELINE_T})")
+    sub = p.add_subparsers(dest="cmd")
+    sub.add_parser = partial(sub.add_parser, allow_abbrev=False, formatter_class=HelpFormatter)
+
+    q = sub.add_parser("pretrain", help="diffusion pre-training of a UNet (ddpm or edm objective)")
+    add_common_args(q, "runs/ddae/pretrain")
+    add_train_args(q, steps=800_000, batch_size=128, lr=1e-4)
+    # lr, warm-up and dropout from the official configs when not given (official_pretrain_defaults); ema 0.9999 (ddpm) /
+    # 0.9993 (edm)
+    q.set_defaults(lr=None, warmup=None, ema_decay=None)
+    q.add_argument("--model", default="ddpm", choices=sorted(UNet_models))
+    q.add_argument("--objective", default="ddpm", choices=["ddpm", "edm"])
+    q.add_argument("--T", type=int, default=1000, help="ddpm: number of noise levels (the paper's ablation: 1000/512/256/64)")
+    q.add_argument("--beta-range", type=float, nargs=2, default=[1e-4, 0.02], metavar=("MIN", "MAX"),
+                   help="ddpm: linear beta schedule range (ablation: 1e-4 0.01 / 0.01 0.02)")
+    q.add_argument("--p-mean", type=float, default=-1.2, help="edm: log-normal sigma mean")
+    q.add_argument("--p-std", type=float, default=1.2, help="edm: log-normal sigma std")
+    q.add_argument("--dropout", type=float, default=None, help="default: the official config's (0.1; DDPM++ under edm 0.13)")
+    q.add_argument("--ch", type=int, default=None, help="override the preset's base width")
+    q.add_argument("--class-cond", action="store_true", help="class-conditional training (label embedding, null label)")
+    q.add_argument("--class-dropout", type=float, default=0.1, help="with --class-cond: label dropout for CFG")
+    q.add_argument("--no-augment", action="store_true")
+    q.add_argument("--crop-padding", type=int, default=0, help="random-crop padding (0: flip only, as DDPM)")
+    q.add_argument("--snapshot-every", type=int, default=0, help="keep OUT_DIR/ckpt_STEP copies every K steps (for sample --ckpts)")
+
+    q = sub.add_parser("probe", help="layer x timestep grid of linear probes, raw-pixel baseline, heatmap")
+    add_backbone_args(q, "probe")
+    add_probe_args(q)
+
+    q = sub.add_parser("align", help="label-free alignment/uniformity per layer and t, ranked against a probe grid")
+    add_backbone_args(q, "align")
+    q.add_argument("--t", type=float, nargs="+", default=None)
+    q.add_argument("--layers", nargs="+", default=None)
+    q.add_argument("--grid", default=None, help="a probe run's grid.json: its layers, t and accuracies")
+    q.add_argument("--n-images", type=int, default=1000, help="training images used (label-free; 0: all, the official 50k)")
+    q.add_argument("--align-batch-size", type=int, default=128, help="the official per-batch uniformity's batch (global)")
+
+    q = sub.add_parser("finetune", help="truncate at a layer, fixed t, clean input, train end to end; vs scratch")
+    add_backbone_args(q, "finetune", batch=False)
+    add_train_args(q, steps=20_000, batch_size=128, lr=1e-4)
+    q.set_defaults(warmup=500, ema_decay=0.999, batch_size=128)
+    q.add_argument("--layer", default=None)
+    q.add_argument("--t", type=float, default=None)
+    q.add_argument("--grid", default=None, help="take --layer/--t from a probe run's grid.json (its best cell)")
+    q.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
+    q.add_argument("--eval-batch-size", type=int, default=256)
+
+    q = sub.add_parser("noisy", help="noise-conditional classifier: frozen features + t embedding + 2-layer MLP")
+    add_backbone_args(q, "noisy", batch=False)
+    add_train_args(q, steps=20_000, batch_size=128, lr=1e-3)
+    q.set_defaults(ema_decay=0.999, batch_size=128)
+    q.add_argument("--layer", default=None)
+    q.add_argument("--grid", default=None, help="take --layer from a probe run's grid.json")
+    q.add_argument("--t", type=float, nargs="+", default=None, help="evaluation noise levels (default: the official ones, "
+                                                                     "ddpm t = 1, 51, ..., 951; edm the 18 Heun sigmas)")
+    q.add_argument("--standardize", action="store_true", help="standardise the frozen features with fixed train statistics "
+                                                              "(not official; helps the optimiser on small data)")
+    q.add_argument("--eval-batch-size", type=int, default=256)
+
+    q = sub.add_parser("sample", help="samples, FID, and FID vs best probe accuracy over --ckpts")
+    add_backbone_args(q, "sample")
+    add_probe_args(q)
+    q.set_defaults(batch_size=128)
+    q.add_argument("--ckpts", nargs="+", default=None, help="several checkpoints (e.g. pretrain --snapshot-every)")
+    q.add_argument("--n-images", type=int, default=64, help="images generated (without --fid)")
+    q.add_argument("--fid", action="store_true", help="FID (clean-fid) against --fid-ref")
+    q.add_argument("--fid-ref", default="train", choices=["train", "test"],
+                   help="FID's reference images: the training split (DDAE's and EDM's 50k) or the test split")
+    q.add_argument("--variance", default="beta", choices=["beta", "posterior"],
+                   help="ddpm ancestral variance: beta_t (Ho et al., DDAE's official sampler) or the posterior beta~_t")
+    q.add_argument("--inception-path", default=None, help=f"FID's Inception weights ({INCEPTION_FILE}; default: clean-fid's cache)")
+    q.add_argument("--n-fid", type=int, default=50_000)
+    q.add_argument("--probe", action="store_true", help="also run the probe grid on each checkpoint")
+    q.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ddpm objective only (edm: Heun)")
+    q.add_argument("--sample-steps", type=int, default=None, help="default: T ancestral steps (ddpm), 18 Heun steps (edm)")
+
+    q = sub.add_parser("bench-grid", help="time the batched grid against one run per cell (writes bench_grid.json)")
+    add_common_args(q, "runs/ddae/bench-grid", test=False)
+    q.set_defaults(data=None)
+    q.add_argument("--ckpt", default=None)
+    q.add_argument("--t", type=float, nargs="+", default=None)
+    q.add_argument("--layers", nargs="+", default=None)
+    q.add_argument("--labels-per-class", type=int, default=20)
+    q.add_argument("--n-test", type=int, default=200)
+    q.add_argument("--views", type=int, default=1)
+    return p
+
+
+if __name__ == "__main__":
+    answer_early(build_parser())  # --help, or a line argparse refuses, answered before the imports below
+
+# the method's imports (torch takes about 2 s)
 import numpy as np
 import torch
 import torch.nn as nn
@@ -44,17 +195,17 @@ from safetensors import safe_open
 
 import data
 from data import UserError
-from training import (add_common_args, add_train_args, autocast, check_out_dir, cleanup_distributed, compile_default,
-                      compute_fid, Dist, draw_global, find_checkpoint, fit, gather_by_index, HelpFormatter, INCEPTION_FILE,
-                      load_json, load_torch, load_weights, Progress, resolve_amp, run, RunLog, save_curve, save_heatmap,
-                      save_image_grid, save_json, save_safetensors, setup_distributed, step_generator)
-from models import (build_model, DiT_models, FinalLayer, GlobalDropout, load_dit, load_unet, make_objective, mem_format,
-                    test_split_spec, timestep_embedding, UNet, unet_file_kind, UNet_models, unpatchify)
+from training import (autocast, check_out_dir, cleanup_distributed, compile_default, compute_fid, Dist, draw_global,
+                      find_checkpoint, fit, gather_by_index, load_json, load_torch, load_weights, Progress, resolve_amp,
+                      RunLog, save_curve, save_heatmap, save_image_grid, save_json, save_safetensors, setup_distributed,
+                      step_generator)
+from models import (build_model, FinalLayer, GlobalDropout, load_dit, load_unet, make_objective, mem_format,
+                    test_split_spec, timestep_embedding, UNet, unet_file_kind, unpatchify)
 from vae import Space
+
 
 # ----------------------------------------------------------------------------------------------
 # A DiT seen as a DDAE (the UNet itself is in models.py)
-
 
 
 class DiTBackbone(nn.Module):
@@ -1070,9 +1221,6 @@ def bench_grid(ckpt=None, dit_path=None, data_spec=None, t=None, layers=None, la
 # The bare run: pretrain -> probe on `shapes`, on the CPU, in a few minutes
 
 
-PIPELINE_T = {"ddpm": [1, 26, 101, 251], "edm": [0.01, 0.06, 0.3, 1.0]}  # ddpm: the paper's t (indices 0, 25, 100, 250)
-
-
 def pipeline(args):
     """python ddae_probe.py --out-dir D: a tiny UNet pretrained on `shapes`, then the layer x t probe grid."""
     t_start, out = time.time(), args.out_dir
@@ -1099,142 +1247,6 @@ def pipeline(args):
           f"{metrics['probe_best_t']:g} | raw pixels {metrics['raw_pixel_acc']:.3f} | chance {metrics['chance']:.3f} | "
           f"{metrics['total_s']:.0f} s")
     return metrics
-
-
-def add_backbone_args(q, stage, batch=True):
-    """What every evaluation stage reads: the network, the data, the labeled subset."""
-    add_common_args(q, f"runs/ddae/{stage}")
-    q.set_defaults(data=None)
-    q.add_argument("--ckpt", default=None, help="a pretrain run (OUT_DIR or OUT_DIR/ckpt) of ddae_probe or repcond_dit, or an "
-                                                 "official DiT .pt file (used with the null label)")
-    q.add_argument("--unet-path", default=None, help="a public UNet with its schedule: a diffusers UNet2DModel folder "
-                                                      "(google/ddpm-cifar10-32, ...) or a guided-diffusion .pt file; needs --data")
-    q.add_argument("--labels-per-class", type=int, default=None, help="probe/fine-tune on a class-balanced subset")
-    q.add_argument("--n-test", type=int, default=0, help="evaluate on a random subset of the test split (0: all)")
-    if batch:
-        q.add_argument("--batch-size", type=int, default=256, help="feature extraction batch")
-
-
-def add_probe_args(q):
-    q.add_argument("--t", type=float, nargs="+", default=None,
-                   help="noise levels: ddpm timesteps as the paper counts them (UNet: from 1, the official t = 11 is 11; DiT: from 0) "
-                        "or edm sigmas (default: the official grid 1 11 21 and a sweep above it)")
-    q.add_argument("--layers", nargs="+", default=None, help="layer names (default: every down, mid and up block); official "
-                                                               "names too: DDAE's out_k, diffusers / guided-diffusion block paths")
-    q.add_argument("--protocol", default="official", choices=["official", "cached"],
-                   help="official: DDAE's linear.py (nn.Linear, default init, raw features, fresh noise + crop (zero pad 4) + "
-                        "flip every step, Adam lr x world size, batch per process, cosine per epoch); cached: the fast grid "
-                        "(--views cached views with fixed noise, standardised features, zero-init heads, reflect padding)")
-    q.add_argument("--views", type=int, default=4, help="--protocol cached: cached views of the train set: view 0 as is, "
-                                                        "others random crop + flip")
-    q.add_argument("--probe-epochs", type=int, default=15)
-    q.add_argument("--probe-lr", type=float, default=1e-3)
-    q.add_argument("--probe-batch-size", type=int, default=128, help="official: per process (lr x world size); cached: global")
-    q.add_argument("--cache-dir", default=None, help="keep features on disk (safetensors per split, t, view) instead of memory")
-    q.add_argument("--no-raw-pixel", action="store_true", help="skip the raw-pixel baseline")
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
-                                allow_abbrev=False)  # exact flags: a prefix here would swallow a subcommand's flag
-    add_common_args(p, "runs/ddae")
-    p.add_argument("--objective", default="ddpm", choices=["ddpm", "edm"])
-    p.add_argument("--steps", type=int, default=400, help="pipeline: pretrain steps of the tiny UNet")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--views", type=int, default=2, help="pipeline probe: cached train views")
-    p.add_argument("--labels-per-class", type=int, default=100, help="pipeline probe: labeled train images per class")
-    p.add_argument("--n-test", type=int, default=0)
-    p.add_argument("--probe-lr", type=float, default=1e-2,
-                   help="pipeline probe lr: 15 epochs of 1000 images are 120 steps, too few for the paper's 1e-3")
-    p.add_argument("--t", type=float, nargs="+", default=None, help=f"pipeline probe levels (default {PIPELINE_T})")
-    sub = p.add_subparsers(dest="cmd")
-    sub.add_parser = partial(sub.add_parser, allow_abbrev=False, formatter_class=HelpFormatter)
-
-    q = sub.add_parser("pretrain", help="diffusion pre-training of a UNet (ddpm or edm objective)")
-    add_common_args(q, "runs/ddae/pretrain")
-    add_train_args(q, steps=800_000, batch_size=128, lr=1e-4)
-    # lr, warm-up and dropout from the official configs when not given (official_pretrain_defaults); ema 0.9999 (ddpm) /
-    # 0.9993 (edm)
-    q.set_defaults(lr=None, warmup=None, ema_decay=None)
-    q.add_argument("--model", default="ddpm", choices=sorted(UNet_models))
-    q.add_argument("--objective", default="ddpm", choices=["ddpm", "edm"])
-    q.add_argument("--T", type=int, default=1000, help="ddpm: number of noise levels (the paper's ablation: 1000/512/256/64)")
-    q.add_argument("--beta-range", type=float, nargs=2, default=[1e-4, 0.02], metavar=("MIN", "MAX"),
-                   help="ddpm: linear beta schedule range (ablation: 1e-4 0.01 / 0.01 0.02)")
-    q.add_argument("--p-mean", type=float, default=-1.2, help="edm: log-normal sigma mean")
-    q.add_argument("--p-std", type=float, default=1.2, help="edm: log-normal sigma std")
-    q.add_argument("--dropout", type=float, default=None, help="default: the official config's (0.1; DDPM++ under edm 0.13)")
-    q.add_argument("--ch", type=int, default=None, help="override the preset's base width")
-    q.add_argument("--class-cond", action="store_true", help="class-conditional training (label embedding, null label)")
-    q.add_argument("--class-dropout", type=float, default=0.1, help="with --class-cond: label dropout for CFG")
-    q.add_argument("--no-augment", action="store_true")
-    q.add_argument("--crop-padding", type=int, default=0, help="random-crop padding (0: flip only, as DDPM)")
-    q.add_argument("--snapshot-every", type=int, default=0, help="keep OUT_DIR/ckpt_STEP copies every K steps (for sample --ckpts)")
-
-    q = sub.add_parser("probe", help="layer x timestep grid of linear probes, raw-pixel baseline, heatmap")
-    add_backbone_args(q, "probe")
-    add_probe_args(q)
-
-    q = sub.add_parser("align", help="label-free alignment/uniformity per layer and t, ranked against a probe grid")
-    add_backbone_args(q, "align")
-    q.add_argument("--t", type=float, nargs="+", default=None)
-    q.add_argument("--layers", nargs="+", default=None)
-    q.add_argument("--grid", default=None, help="a probe run's grid.json: its layers, t and accuracies")
-    q.add_argument("--n-images", type=int, default=1000, help="training images used (label-free; 0: all, the official 50k)")
-    q.add_argument("--align-batch-size", type=int, default=128, help="the official per-batch uniformity's batch (global)")
-
-    q = sub.add_parser("finetune", help="truncate at a layer, fixed t, clean input, train end to end; vs scratch")
-    add_backbone_args(q, "finetune", batch=False)
-    add_train_args(q, steps=20_000, batch_size=128, lr=1e-4)
-    q.set_defaults(warmup=500, ema_decay=0.999, batch_size=128)
-    q.add_argument("--layer", default=None)
-    q.add_argument("--t", type=float, default=None)
-    q.add_argument("--grid", default=None, help="take --layer/--t from a probe run's grid.json (its best cell)")
-    q.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
-    q.add_argument("--eval-batch-size", type=int, default=256)
-
-    q = sub.add_parser("noisy", help="noise-conditional classifier: frozen features + t embedding + 2-layer MLP")
-    add_backbone_args(q, "noisy", batch=False)
-    add_train_args(q, steps=20_000, batch_size=128, lr=1e-3)
-    q.set_defaults(ema_decay=0.999, batch_size=128)
-    q.add_argument("--layer", default=None)
-    q.add_argument("--grid", default=None, help="take --layer from a probe run's grid.json")
-    q.add_argument("--t", type=float, nargs="+", default=None, help="evaluation noise levels (default: the official ones, "
-                                                                     "ddpm t = 1, 51, ..., 951; edm the 18 Heun sigmas)")
-    q.add_argument("--standardize", action="store_true", help="standardise the frozen features with fixed train statistics "
-                                                              "(not official; helps the optimiser on small data)")
-    q.add_argument("--eval-batch-size", type=int, default=256)
-
-    q = sub.add_parser("sample", help="samples, FID, and FID vs best probe accuracy over --ckpts")
-    add_backbone_args(q, "sample")
-    add_probe_args(q)
-    q.set_defaults(batch_size=128)
-    q.add_argument("--ckpts", nargs="+", default=None, help="several checkpoints (e.g. pretrain --snapshot-every)")
-    q.add_argument("--n-images", type=int, default=64, help="images generated (without --fid)")
-    q.add_argument("--fid", action="store_true", help="FID (clean-fid) against --fid-ref")
-    q.add_argument("--fid-ref", default="train", choices=["train", "test"],
-                   help="FID's reference images: the training split (DDAE's and EDM's 50k) or the test split")
-    q.add_argument("--variance", default="beta", choices=["beta", "posterior"],
-                   help="ddpm ancestral variance: beta_t (Ho et al., DDAE's official sampler) or the posterior beta~_t")
-    q.add_argument("--inception-path", default=None, help=f"FID's Inception weights ({INCEPTION_FILE}; default: clean-fid's cache)")
-    q.add_argument("--n-fid", type=int, default=50_000)
-    q.add_argument("--probe", action="store_true", help="also run the probe grid on each checkpoint")
-    q.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ddpm objective only (edm: Heun)")
-    q.add_argument("--sample-steps", type=int, default=None, help="default: T ancestral steps (ddpm), 18 Heun steps (edm)")
-
-    q = sub.add_parser("bench-grid", help="time the batched grid against one run per cell (writes bench_grid.json)")
-    add_common_args(q, "runs/ddae/bench-grid", test=False)
-    q.set_defaults(data=None)
-    q.add_argument("--ckpt", default=None)
-    q.add_argument("--t", type=float, nargs="+", default=None)
-    q.add_argument("--layers", nargs="+", default=None)
-    q.add_argument("--labels-per-class", type=int, default=20)
-    q.add_argument("--n-test", type=int, default=200)
-    q.add_argument("--views", type=int, default=1)
-    return p
 
 
 def _bench_cmd(args):

@@ -41,6 +41,149 @@ import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache, partial
 
+from cli import add_common_args, add_train_args, answer_early, DiT_models, DIT_RECIPE, HelpFormatter, run
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: first, and standard library only, so that --help answers before torch loads
+
+
+# The official runs (the Diffusion Classifier release's commands.md), each flag as it ran there: Stable Diffusion zero-shot
+# (fp16, one noise draw per timestep) and DiT-XL/2 ImageNet (every class at 250 timesteps, fp32). --protocol NAME sets
+# them; a flag given with another value is refused rather than mixed in. Calibration is not part of them (--n-val 0).
+_SD = dict(schedule="paper", amp="fp16", n_noise=1, target="eps", weighting="uniform", seq_alpha=0.0, n_val=0, t=None)
+
+
+PROTOCOLS = {
+    "sd-cifar10": dict(_SD, n_samples=[50, 500], to_keep=[5, 1], loss="l1"),
+    "sd-stl10": dict(_SD, n_samples=[100, 500], to_keep=[5, 1], loss="l1"),
+    "sd-pets": dict(_SD, n_samples=[25, 250], to_keep=[5, 1], loss="l1"),
+    "sd-flowers": dict(_SD, n_samples=[20, 50, 100, 500], to_keep=[20, 10, 5, 1], loss="l1"),
+    "sd-food": dict(_SD, n_samples=[20, 50, 100, 500], to_keep=[20, 10, 5, 1], loss="l2"),
+    "sd-aircraft": dict(_SD, n_samples=[20, 50, 100, 500], to_keep=[20, 10, 5, 1], loss="l2"),
+    "sd-imagenet": dict(_SD, n_samples=[50, 100, 500, 1000], to_keep=[500, 50, 10, 1], loss="l2"),
+    "sd-objectnet": dict(_SD, n_samples=[50, 100, 500, 1000], to_keep=[25, 10, 5, 1], loss="l2"),
+    "dit-imagenet": dict(schedule="full", amp="none", n_noise=1, target="eps", weighting="uniform", seq_alpha=0.0, n_val=0,
+                         t=None, n_samples=[250], to_keep=[1], loss="l2"),
+}
+
+
+def add_sd_args(q, required=False):
+    q.add_argument("--sd-path", default=None, required=required,
+                   help="Stable Diffusion 1.x/2.x: a diffusers folder (stable-diffusion-2-base/) or an LDM single file "
+                        "(v1-5-pruned-emaonly.safetensors); classifies zero-shot through --prompts")
+    q.add_argument("--prompts", nargs="+", default=None,
+                   help="with --sd-path: a prompts .csv (prompt,classname,classidx; several rows per class are averaged) or "
+                        "templates filled with the data's class names ('a photo of a {}.'; several are averaged)")
+    q.add_argument("--tokenizer", default=None,
+                   help="CLIP's vocab.json + merges.txt folder or bpe_simple_vocab_16e6.txt.gz (default: the SD folder's tokenizer/, "
+                        "or one beside a single file)")
+    q.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="override the model's (needed for SD 2.x single files: 512-px base models eps, 768-px models v)")
+
+
+def add_classify_args(q):
+    add_common_args(q, "runs/dc/classify", test=False)
+    q.add_argument("--ckpt", default=None, help="checkpoint folder (train / repcond_dit.py tune / ddae_probe.py) or official DiT .pt")
+    add_sd_args(q)
+    q.set_defaults(data=None)
+    q.add_argument("--split", default="test", help="split of --data to classify")
+    q.add_argument("--n-test", type=int, default=0, help="classify a random subset of this many images (0: all)")
+    q.add_argument("--classes", type=int, nargs="+", default=None, help="candidate class indices (default: all)")
+    q.add_argument("--n-samples", type=int, nargs="+", default=None,
+                   help="cumulative (t, eps) samples per stage; the largest is the grid size M (default 50 500)")
+    q.add_argument("--to-keep", type=int, nargs="+", default=None, help="classes kept after each stage (default 5 1)")
+    q.add_argument("--t", type=int, nargs="+", default=None, help="explicit timesteps instead of the stratified grid (DC0: --t 500 --target x0)")
+    q.add_argument("--n-noise", type=int, default=1, help="noise draws per timestep (each its own slot; the official n_trials)")
+    q.add_argument("--schedule", default="paper", choices=["paper", "full", "auto"],
+                   help="paper: --n-samples/--to-keep (+ --seq-alpha); full: every slot for every class; auto: chosen on --n-val images")
+    q.add_argument("--seq-alpha", type=float, default=0.0, help="sequential paired t-test level (0: off)")
+    q.add_argument("--seq-every", type=int, default=1, help="slots between two looks of the sequential test")
+    q.add_argument("--seq-min-n", type=int, default=3, help="slots before the first look of the sequential test")
+    q.add_argument("--auto-budget", type=float, default=0.25,
+                   help="--schedule auto: the most passes per image, as a fraction of the exhaustive schedule's")
+    q.add_argument("--loss", default="l2", choices=["l2", "l1", "huber"])
+    q.add_argument("--target", default="eps", choices=["eps", "x0"], help="error on eps (ELBO) or on the predicted x0 (DC0)")
+    q.add_argument("--weighting", default="uniform", choices=["uniform", "elbo"], help="per-timestep weights of the errors")
+    q.add_argument("--n-val", type=int, default=None,
+                   help="validation images for tau and --schedule auto (0: no calibration; default 200, 0 with --sd-path)")
+    q.add_argument("--val-data", default=None, help="validation data (default: held-out train images of the checkpoint, else the train split)")
+    q.add_argument("--val-full", action="store_true", help="compute every validation error even for a given schedule (enables reuse)")
+    q.add_argument("--calibration", default=None, help="reuse a calibration.json (and its val_errors) of an earlier run")
+    q.add_argument("--tau", type=float, default=None, help="fixed temperature instead of fitting it")
+    q.add_argument("--shard", default="0/1", help="i/n: classify every n-th image from the i-th (times torchrun ranks)")
+    q.add_argument("--batch-size", type=int, default=32, help="images per batch (each appended to the results when done)")
+    q.add_argument("--max-batch", type=int, default=None,
+                   help="denoiser passes per forward (images x classes x timesteps; default 1024, 32 with --sd-path)")
+    q.add_argument("--save-errors", action="store_true", help="also store every (class, slot) error per image")
+    q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    q.add_argument("--protocol", default=None, choices=sorted(PROTOCOLS),
+                   help="an official run's flags exactly (README); unset: the flags as given (their defaults: the SD CIFAR-10 "
+                        "schedule 50/500 keep 5/1, with the l2 error of the paper's ELBO where the release's command uses l1)")
+    q.add_argument("--noise-path", default=None, help="a noise tensor (N, C, H, W) shared by every image, as the official "
+                                                     "--noise_path (rows in evaluation order); default: each image its own")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    add_common_args(p, "runs/dc")
+    p.set_defaults(device="cpu", image_size=16)  # 16 px: the CPU budget of the bare run
+    p.add_argument("--model", default="DiT-XS/4", choices=sorted(DiT_models))
+    p.add_argument("--steps", type=int, default=2000, help="pipeline: training steps")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--n-val", type=int, default=200, help="pipeline: held-out training images (calibration, auto schedule)")
+    p.add_argument("--n-test", type=int, default=300, help="pipeline: test images classified")
+    p.add_argument("--n-samples", type=int, nargs="+", default=[16], help="pipeline: --n-samples of classify (the largest: the grid size M)")
+    p.add_argument("--loss", default="l2", choices=["l2", "l1", "huber"])
+    sub = p.add_subparsers(dest="cmd")
+    sub.add_parser = partial(sub.add_parser, formatter_class=HelpFormatter)
+
+    q = sub.add_parser("train", help="train a class-conditional DiT (classifier-free label dropout)")
+    add_common_args(q, "runs/dc/train")
+    add_train_args(q, steps=400_000, batch_size=256, lr=1e-4, **DIT_RECIPE)
+    q.add_argument("--model", default="DiT-B/2", choices=sorted(DiT_models))
+    q.add_argument("--T", type=int, default=1000)
+    q.add_argument("--class-dropout", type=float, default=0.1, help="label dropout (the null label, for guidance)")
+    q.add_argument("--n-val", type=int, default=500, help="train images held out for calibration (their indices go in config.json)")
+    q.add_argument("--no-augment", action="store_true")
+
+    q = sub.add_parser("classify", help="ELBO classification of a data set (resumable, shardable)")
+    add_classify_args(q)
+
+    q = sub.add_parser("score", help="Stable Diffusion: error matrix of images x texts (image-text matching), JSON + heatmap")
+    add_common_args(q, "runs/dc/score", test=False)
+    q.set_defaults(data=None)
+    add_sd_args(q, required=True)
+    q.add_argument("--texts", nargs="+", required=True, help="a .txt file (one text per line) or the texts")
+    q.add_argument("--split", default="test", help="split of --data to score")
+    q.add_argument("--n-images", type=int, default=0, help="score a random subset of this many images (0: all)")
+    q.add_argument("--n-samples", type=int, default=100, help="slots (t, eps) of the stratified grid, the same for every text")
+    q.add_argument("--loss", default="l2", choices=["l2", "l1", "huber"])
+    q.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    q.add_argument("--max-batch", type=int, default=32, help="UNet passes per forward")
+
+    q = sub.add_parser("merge", help="merge the shards of a classify run into metrics.json")
+    q.add_argument("--out-dir", required=True)
+
+    q = sub.add_parser("bench", help="img/s: batched (+ bf16 + compile) vs one class at a time, random-weight DiT")
+    add_common_args(q, "runs/dc/bench", test=False)
+    q.add_argument("--model", default="DiT-B/2", choices=sorted(DiT_models))
+    q.add_argument("--latent-shape", type=int, nargs=2, default=[4, 32], help="channels, size")
+    q.add_argument("--num-classes", type=int, default=1000)
+    q.add_argument("--bench-classes", type=int, default=10, help="candidate classes per image")
+    q.add_argument("--n-samples", type=int, default=25)
+    q.add_argument("--n-images", type=int, default=32)
+    q.add_argument("--batch-size", type=int, default=16, help="images per batch")
+    q.add_argument("--max-batch", type=int, default=1024)
+    return p
+
+
+if __name__ == "__main__":
+    answer_early(build_parser())  # --help, or a line argparse refuses, answered before the imports below
+
+# the method's imports (torch takes about 2 s)
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
@@ -49,12 +192,12 @@ from safetensors.torch import load_file
 
 import data
 from data import UserError
-from training import (accuracy_f1, add_common_args, add_train_args, autocast, check_out_dir, cleanup_distributed,
-                      compile_default, find_checkpoint, fit, HelpFormatter, load_json, load_torch, load_weights, Progress, resolve_amp, run,
-                      RunLog, save_curve, save_heatmap, save_json, save_safetensors, setup_distributed,
-                      transformer_flops_per_image)
-from models import build_model, Diffusion, diffusion_loss, DiT, DIT_RECIPE, DiT_models, load_dit, UNet
+from training import (accuracy_f1, autocast, check_out_dir, cleanup_distributed, compile_default, find_checkpoint, fit,
+                      load_json, load_torch, load_weights, Progress, resolve_amp, RunLog, save_curve, save_heatmap,
+                      save_json, save_safetensors, setup_distributed, transformer_flops_per_image)
+from models import build_model, Diffusion, diffusion_loss, DiT, load_dit, UNet
 from vae import Space
+
 
 # ----------------------------------------------------------------------------------------------
 # Denoisers: one small interface, eps(x_t, t, y) -> eps_hat
@@ -883,24 +1026,6 @@ def resolve_data(args, den, cfg, device):
     return test, avail, val, note, space
 
 
-# The official runs (the Diffusion Classifier release's commands.md), each flag as it ran there: Stable Diffusion zero-shot
-# (fp16, one noise draw per timestep) and DiT-XL/2 ImageNet (every class at 250 timesteps, fp32). --protocol NAME sets
-# them; a flag given with another value is refused rather than mixed in. Calibration is not part of them (--n-val 0).
-_SD = dict(schedule="paper", amp="fp16", n_noise=1, target="eps", weighting="uniform", seq_alpha=0.0, n_val=0, t=None)
-PROTOCOLS = {
-    "sd-cifar10": dict(_SD, n_samples=[50, 500], to_keep=[5, 1], loss="l1"),
-    "sd-stl10": dict(_SD, n_samples=[100, 500], to_keep=[5, 1], loss="l1"),
-    "sd-pets": dict(_SD, n_samples=[25, 250], to_keep=[5, 1], loss="l1"),
-    "sd-flowers": dict(_SD, n_samples=[20, 50, 100, 500], to_keep=[20, 10, 5, 1], loss="l1"),
-    "sd-food": dict(_SD, n_samples=[20, 50, 100, 500], to_keep=[20, 10, 5, 1], loss="l2"),
-    "sd-aircraft": dict(_SD, n_samples=[20, 50, 100, 500], to_keep=[20, 10, 5, 1], loss="l2"),
-    "sd-imagenet": dict(_SD, n_samples=[50, 100, 500, 1000], to_keep=[500, 50, 10, 1], loss="l2"),
-    "sd-objectnet": dict(_SD, n_samples=[50, 100, 500, 1000], to_keep=[25, 10, 5, 1], loss="l2"),
-    "dit-imagenet": dict(schedule="full", amp="none", n_noise=1, target="eps", weighting="uniform", seq_alpha=0.0, n_val=0,
-                         t=None, n_samples=[250], to_keep=[1], loss="l2"),
-}
-
-
 def apply_protocol(args):
     """Set the flags of --protocol (PROTOCOLS); a flag the user set to another value than the protocol's is refused."""
     if not getattr(args, "protocol", None):
@@ -1360,118 +1485,6 @@ def pipeline(args):
           f"{metrics['nfe_full']:.0f} ({100 * metrics['nfe_fraction']:.1f}% of its passes) | chance {metrics['chance']:.3f} | "
           f"ECE {metrics['ece']:.3f} (NLL {metrics['nll']:.3f}) | {metrics['total_seconds']:.0f} s")
     return metrics
-
-
-def add_sd_args(q, required=False):
-    q.add_argument("--sd-path", default=None, required=required,
-                   help="Stable Diffusion 1.x/2.x: a diffusers folder (stable-diffusion-2-base/) or an LDM single file "
-                        "(v1-5-pruned-emaonly.safetensors); classifies zero-shot through --prompts")
-    q.add_argument("--prompts", nargs="+", default=None,
-                   help="with --sd-path: a prompts .csv (prompt,classname,classidx; several rows per class are averaged) or "
-                        "templates filled with the data's class names ('a photo of a {}.'; several are averaged)")
-    q.add_argument("--tokenizer", default=None,
-                   help="CLIP's vocab.json + merges.txt folder or bpe_simple_vocab_16e6.txt.gz (default: the SD folder's tokenizer/, "
-                        "or one beside a single file)")
-    q.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
-                   help="override the model's (needed for SD 2.x single files: 512-px base models eps, 768-px models v)")
-
-
-def add_classify_args(q):
-    add_common_args(q, "runs/dc/classify", test=False)
-    q.add_argument("--ckpt", default=None, help="checkpoint folder (train / repcond_dit.py tune / ddae_probe.py) or official DiT .pt")
-    add_sd_args(q)
-    q.set_defaults(data=None)
-    q.add_argument("--split", default="test", help="split of --data to classify")
-    q.add_argument("--n-test", type=int, default=0, help="classify a random subset of this many images (0: all)")
-    q.add_argument("--classes", type=int, nargs="+", default=None, help="candidate class indices (default: all)")
-    q.add_argument("--n-samples", type=int, nargs="+", default=None,
-                   help="cumulative (t, eps) samples per stage; the largest is the grid size M (default 50 500)")
-    q.add_argument("--to-keep", type=int, nargs="+", default=None, help="classes kept after each stage (default 5 1)")
-    q.add_argument("--t", type=int, nargs="+", default=None, help="explicit timesteps instead of the stratified grid (DC0: --t 500 --target x0)")
-    q.add_argument("--n-noise", type=int, default=1, help="noise draws per timestep (each its own slot; the official n_trials)")
-    q.add_argument("--schedule", default="paper", choices=["paper", "full", "auto"],
-                   help="paper: --n-samples/--to-keep (+ --seq-alpha); full: every slot for every class; auto: chosen on --n-val images")
-    q.add_argument("--seq-alpha", type=float, default=0.0, help="sequential paired t-test level (0: off)")
-    q.add_argument("--seq-every", type=int, default=1, help="slots between two looks of the sequential test")
-    q.add_argument("--seq-min-n", type=int, default=3, help="slots before the first look of the sequential test")
-    q.add_argument("--auto-budget", type=float, default=0.25,
-                   help="--schedule auto: the most passes per image, as a fraction of the exhaustive schedule's")
-    q.add_argument("--loss", default="l2", choices=["l2", "l1", "huber"])
-    q.add_argument("--target", default="eps", choices=["eps", "x0"], help="error on eps (ELBO) or on the predicted x0 (DC0)")
-    q.add_argument("--weighting", default="uniform", choices=["uniform", "elbo"], help="per-timestep weights of the errors")
-    q.add_argument("--n-val", type=int, default=None,
-                   help="validation images for tau and --schedule auto (0: no calibration; default 200, 0 with --sd-path)")
-    q.add_argument("--val-data", default=None, help="validation data (default: held-out train images of the checkpoint, else the train split)")
-    q.add_argument("--val-full", action="store_true", help="compute every validation error even for a given schedule (enables reuse)")
-    q.add_argument("--calibration", default=None, help="reuse a calibration.json (and its val_errors) of an earlier run")
-    q.add_argument("--tau", type=float, default=None, help="fixed temperature instead of fitting it")
-    q.add_argument("--shard", default="0/1", help="i/n: classify every n-th image from the i-th (times torchrun ranks)")
-    q.add_argument("--batch-size", type=int, default=32, help="images per batch (each appended to the results when done)")
-    q.add_argument("--max-batch", type=int, default=None,
-                   help="denoiser passes per forward (images x classes x timesteps; default 1024, 32 with --sd-path)")
-    q.add_argument("--save-errors", action="store_true", help="also store every (class, slot) error per image")
-    q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    q.add_argument("--protocol", default=None, choices=sorted(PROTOCOLS),
-                   help="an official run's flags exactly (README); unset: the flags as given (their defaults: the SD CIFAR-10 "
-                        "schedule 50/500 keep 5/1, with the l2 error of the paper's ELBO where the release's command uses l1)")
-    q.add_argument("--noise-path", default=None, help="a noise tensor (N, C, H, W) shared by every image, as the official "
-                                                     "--noise_path (rows in evaluation order); default: each image its own")
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    add_common_args(p, "runs/dc")
-    p.set_defaults(device="cpu", image_size=16)  # 16 px: the CPU budget of the bare run
-    p.add_argument("--model", default="DiT-XS/4", choices=sorted(DiT_models))
-    p.add_argument("--steps", type=int, default=2000, help="pipeline: training steps")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--n-val", type=int, default=200, help="pipeline: held-out training images (calibration, auto schedule)")
-    p.add_argument("--n-test", type=int, default=300, help="pipeline: test images classified")
-    p.add_argument("--n-samples", type=int, nargs="+", default=[16], help="pipeline: --n-samples of classify (the largest: the grid size M)")
-    p.add_argument("--loss", default="l2", choices=["l2", "l1", "huber"])
-    sub = p.add_subparsers(dest="cmd")
-    sub.add_parser = partial(sub.add_parser, formatter_class=HelpFormatter)
-
-    q = sub.add_parser("train", help="train a class-conditional DiT (classifier-free label dropout)")
-    add_common_args(q, "runs/dc/train")
-    add_train_args(q, steps=400_000, batch_size=256, lr=1e-4, **DIT_RECIPE)
-    q.add_argument("--model", default="DiT-B/2", choices=sorted(DiT_models))
-    q.add_argument("--T", type=int, default=1000)
-    q.add_argument("--class-dropout", type=float, default=0.1, help="label dropout (the null label, for guidance)")
-    q.add_argument("--n-val", type=int, default=500, help="train images held out for calibration (their indices go in config.json)")
-    q.add_argument("--no-augment", action="store_true")
-
-    q = sub.add_parser("classify", help="ELBO classification of a data set (resumable, shardable)")
-    add_classify_args(q)
-
-    q = sub.add_parser("score", help="Stable Diffusion: error matrix of images x texts (image-text matching), JSON + heatmap")
-    add_common_args(q, "runs/dc/score", test=False)
-    q.set_defaults(data=None)
-    add_sd_args(q, required=True)
-    q.add_argument("--texts", nargs="+", required=True, help="a .txt file (one text per line) or the texts")
-    q.add_argument("--split", default="test", help="split of --data to score")
-    q.add_argument("--n-images", type=int, default=0, help="score a random subset of this many images (0: all)")
-    q.add_argument("--n-samples", type=int, default=100, help="slots (t, eps) of the stratified grid, the same for every text")
-    q.add_argument("--loss", default="l2", choices=["l2", "l1", "huber"])
-    q.add_argument("--batch-size", type=int, default=8, help="images per batch")
-    q.add_argument("--max-batch", type=int, default=32, help="UNet passes per forward")
-
-    q = sub.add_parser("merge", help="merge the shards of a classify run into metrics.json")
-    q.add_argument("--out-dir", required=True)
-
-    q = sub.add_parser("bench", help="img/s: batched (+ bf16 + compile) vs one class at a time, random-weight DiT")
-    add_common_args(q, "runs/dc/bench", test=False)
-    q.add_argument("--model", default="DiT-B/2", choices=sorted(DiT_models))
-    q.add_argument("--latent-shape", type=int, nargs=2, default=[4, 32], help="channels, size")
-    q.add_argument("--num-classes", type=int, default=1000)
-    q.add_argument("--bench-classes", type=int, default=10, help="candidate classes per image")
-    q.add_argument("--n-samples", type=int, default=25)
-    q.add_argument("--n-images", type=int, default=32)
-    q.add_argument("--batch-size", type=int, default=16, help="images per batch")
-    q.add_argument("--max-batch", type=int, default=1024)
-    return p
 
 
 def main(args):

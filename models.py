@@ -20,10 +20,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import data
+from cli import DiT_models, ViT_models
 from data import UserError
 from training import (draw_global, find_checkpoint, load_json, load_state_dict_strict, load_torch, load_weights, resolve_amp,
                       step_generator, strip_wrapper_prefixes)
 from vae import read_state_dict, Space
+
 
 # ----------------------------------------------------------------------------------------------
 # DiT (official parameter names)
@@ -304,27 +306,6 @@ class RepCondDiT(nn.Module):
             if self.inject == "input":
                 r = None
         return self.denoiser(z_t, t, y=y, r=r, y_drop=y_drop, x_map=x_map)
-
-
-# presets: (depth, hidden, heads); DiT-XS and ViT-XS are this project's CPU sizes for demos and tests
-_DIT_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6), "XS": (4, 128, 4)}
-
-
-DiT_models = {f"DiT-{s}/{p}": dict(depth=d, hidden_size=h, num_heads=n, patch_size=p)
-              for s, (d, h, n) in _DIT_SIZES.items() for p in (2, 4, 8)}
-
-
-_VIT_SIZES = {"B": (12, 768, 12), "S": (12, 384, 6), "XS": (4, 128, 4)}
-
-
-ViT_models = {f"ViT-{s}/{p}": dict(depth=d, hidden_size=h, num_heads=n, patch_size=p)
-              for s, (d, h, n) in _VIT_SIZES.items() for p in (2, 4, 8)}
-
-
-# The official DiT training recipe (DiT's train.py): no gradient clipping, EMA 0.9999 updated from step 0 without a
-# warm-up; the defaults of every DiT-training stage here (`add_train_args(..., **DIT_RECIPE)`). Short CPU runs pass
-# --ema-warmup --grad-clip 1 (an EMA of decay 0.9999 after a few hundred steps is still the initial weights).
-DIT_RECIPE = dict(grad_clip=0.0, ema_warmup=False)
 
 
 def build_model(cfg):
@@ -651,15 +632,6 @@ class UNet(nn.Module):
         net.stop_at = name
         net.layers = [layer for layer in self.layers[:self.layer_names().index(name) + 1]]
         return net
-
-
-# presets; `tiny` is this project's CPU size (tests, the bare run)
-UNet_models = {
-    "ddpm": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1),  # 35.7M at 32x32
-    "ddpmpp": dict(ch=128, ch_mult=(2, 2, 2), num_res_blocks=4, attn_res=(16,), dropout=0.13,
-                   resblock_updown=True, skip_scale=math.sqrt(0.5), up_attn_last_only=True),  # EDM's CIFAR-10 DDPM++, 55.7M
-    "tiny": dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(8,), dropout=0.0),  # 0.28M at 32x32
-}
 
 
 # ----------------------------------------------------------------------------------------------

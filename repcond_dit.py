@@ -27,19 +27,107 @@ import os
 import time
 from functools import partial
 
+from cli import (add_common_args, add_train_args, answer_early, DiT_models, DIT_RECIPE, HelpFormatter, INCEPTION_FILE,
+                 run, ViT_models)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: first, and standard library only, so that --help answers before torch loads
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
+    add_common_args(p, "runs/repcond")
+    p.add_argument("--steps", type=int, default=600, help="pipeline: pretrain steps (each of the two runs)")
+    p.add_argument("--tune-steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--labels-per-class", type=int, default=100)
+    p.add_argument("--n-test", type=int, default=500)
+    p.add_argument("--t", type=int, nargs="+", default=[25, 50, 100, 200])
+    p.add_argument("--n-noise", type=int, default=2, help="pipeline: noise draws averaged per (image, t) in classify")
+    sub = p.add_subparsers(dest="cmd")
+    sub.add_parser = partial(sub.add_parser, formatter_class=HelpFormatter)
+
+    q = sub.add_parser("pretrain", help="joint encoder + denoiser training on unlabeled data", allow_abbrev=False)
+    add_common_args(q, "runs/repcond/pretrain")
+    add_train_args(q, steps=400_000, batch_size=256, lr=1e-4, **DIT_RECIPE)
+    q.add_argument("--model", default="DiT-B/2", choices=sorted(DiT_models))
+    q.add_argument("--encoder", default="ViT-S/2", choices=sorted(ViT_models))
+    q.add_argument("--rep-dim", type=int, default=256)
+    q.add_argument("--cond", default="rep", choices=["rep", "none"], help="none: the unconditional baseline")
+    q.add_argument("--inject", default="both", choices=["both", "blocks", "input"],
+                   help="both: the paper (decode map at the input + r in every block); blocks: pooled r only (bottleneck)")
+    q.add_argument("--freeze-encoder", action="store_true", help="train the denoiser only (the paper's open question)")
+    q.add_argument("--encoder-ckpt", default=None, help="with --freeze-encoder: take the encoder from this pretrain checkpoint")
+    q.add_argument("--T", type=int, default=1000)
+    q.add_argument("--no-augment", action="store_true")
+
+    q = sub.add_parser("tune", help="replace representation conditioning by labels; fine-tune on a few labels", allow_abbrev=False)
+    add_common_args(q, "runs/repcond/tune", data=False, test=False)
+    add_train_args(q, steps=20_000, batch_size=256, lr=1e-4, **DIT_RECIPE)
+    q.add_argument("--ckpt", required=True, help="a pretrain checkpoint folder (OUT_DIR/ckpt)")
+    q.add_argument("--labels-per-class", type=int, default=None, help="required, or --labeled-fraction: labeled images per class")
+    q.add_argument("--labeled-fraction", type=float, default=None)
+    q.add_argument("--class-dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
+    q.add_argument("--label-init", default="rep-mean", choices=["rep-mean", "random"],
+                   help="rep-mean: start label k at the class-mean representation embedding")
+    q.add_argument("--map-init", default="mean", choices=["mean", "drop"],
+                   help="inject both/input: the decode map at the denoiser's input becomes its mean over the labeled images "
+                        "(folded into pos_embed), or is dropped")
+    q.add_argument("--no-augment", action="store_true")
+
+    q = sub.add_parser("classify", help="Diffusion Classifier Zero, with a timestep sweep", allow_abbrev=False)
+    add_common_args(q, "runs/repcond/classify", data=False)
+    q.add_argument("--ckpt", required=True)
+    q.add_argument("--t", type=int, nargs="+", default=[100, 200, 300, 400, 500, 600, 700, 800, 900])
+    q.add_argument("--n-noise", type=int, default=1, help="noise draws averaged per (image, t)")
+    q.add_argument("--n-test", type=int, default=0, help="classify a random subset of the test split (0: all)")
+    q.add_argument("--n-val", type=int, default=200, help="train-split images, outside tune's labeled set, used to choose t (0: choose on test)")
+    q.add_argument("--positive-class", type=int, default=1, help="two classes: the class whose F1 is reported as f1 (macro_f1 always)")
+    q.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    q.add_argument("--max-batch", type=int, default=2048, help="denoiser batch (images x classes) per forward")
+
+    q = sub.add_parser("probe", help="linear probe on the encoder's representation r", allow_abbrev=False)
+    add_common_args(q, "runs/repcond/probe", data=False)
+    q.add_argument("--ckpt", required=True)
+    q.add_argument("--labels-per-class", type=int, default=None, help="required, or --labeled-fraction: labeled images per class")
+    q.add_argument("--labeled-fraction", type=float, default=None)
+
+    q = sub.add_parser("sample", help="DDPM/DDIM samples, grid PNG, FID", allow_abbrev=False)
+    add_common_args(q, "runs/repcond/sample", data=False)
+    q.add_argument("--ckpt", required=True)
+    q.add_argument("--n-images", type=int, default=64, help="images generated (without --fid)")
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ddpm: ancestral (as DDPM and DiT), ddim: eta 0")
+    q.add_argument("--sample-steps", type=int, default=None, help="default: T (the full chain); DiT's sample.py uses 250")
+    q.add_argument("--cfg-scale", type=float, default=1.0)
+    q.add_argument("--cfg-channels", type=int, default=None,
+                   help="leading eps channels that get the guidance (default: 3 for an official DiT file, as its sample.py; else all)")
+    q.add_argument("--fid", action="store_true", help="FID (clean-fid, Inception) against --fid-ref")
+    q.add_argument("--fid-ref", default="train", choices=["train", "test"], help="FID's reference split (DiT, DDPM, EDM: train)")
+    q.add_argument("--inception-path", default=None, help=f"FID's Inception weights ({INCEPTION_FILE}; default: clean-fid's cache)")
+    q.add_argument("--n-fid", type=int, default=5000)
+    return p
+
+
+if __name__ == "__main__":
+    answer_early(build_parser())  # --help, or a line argparse refuses, answered before the imports below
+
+# the method's imports (torch takes about 2 s)
 import torch
 import torch.nn.functional as F
 
 import data
 from data import UserError
-from training import (accuracy_f1, add_common_args, binary_f1, add_train_args, autocast, check_out_dir, cleanup_distributed,
-                      compile_default, compute_fid, find_checkpoint, fit, gather_by_index, HelpFormatter, INCEPTION_FILE,
-                      linear_probe, load_json, load_state_dict_strict, load_weights, Progress, resolve_amp, run, RunLog,
-                      save_curve, save_heatmap, save_image_grid, save_json, save_safetensors, setup_distributed, step_generator,
+from training import (accuracy_f1, autocast, binary_f1, check_out_dir, cleanup_distributed, compile_default,
+                      compute_fid, find_checkpoint, fit, gather_by_index, linear_probe, load_json,
+                      load_state_dict_strict, load_weights, Progress, resolve_amp, RunLog, save_curve, save_heatmap,
+                      save_image_grid, save_json, save_safetensors, setup_distributed, step_generator,
                       transformer_flops_per_image)
-from models import (build_model, Diffusion, DIT_RECIPE, diffusion_loss, DiT_models, load_dit, load_run, RepCondDiT, sample_loop, test_split_spec,
-                    ViT_models)
+from models import build_model, Diffusion, diffusion_loss, load_dit, load_run, RepCondDiT, sample_loop, test_split_spec
 from vae import Space
+
 
 @torch.no_grad()
 def eval_denoise_loss(model, space, ds, diffusion, device, n=512, batch_size=128, seed=0):
@@ -441,82 +529,6 @@ def pipeline(args):
           f"linear probe on r {metrics['probe_accuracy']:.3f} | chance {metrics['chance']:.3f} | "
           f"held-out eps-MSE {metrics['pretrain_loss']:.4f} with r vs {metrics['pretrain_loss_uncond']:.4f} without")
     return metrics
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
-    add_common_args(p, "runs/repcond")
-    p.add_argument("--steps", type=int, default=600, help="pipeline: pretrain steps (each of the two runs)")
-    p.add_argument("--tune-steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--labels-per-class", type=int, default=100)
-    p.add_argument("--n-test", type=int, default=500)
-    p.add_argument("--t", type=int, nargs="+", default=[25, 50, 100, 200])
-    p.add_argument("--n-noise", type=int, default=2, help="pipeline: noise draws averaged per (image, t) in classify")
-    sub = p.add_subparsers(dest="cmd")
-    sub.add_parser = partial(sub.add_parser, formatter_class=HelpFormatter)
-
-    q = sub.add_parser("pretrain", help="joint encoder + denoiser training on unlabeled data", allow_abbrev=False)
-    add_common_args(q, "runs/repcond/pretrain")
-    add_train_args(q, steps=400_000, batch_size=256, lr=1e-4, **DIT_RECIPE)
-    q.add_argument("--model", default="DiT-B/2", choices=sorted(DiT_models))
-    q.add_argument("--encoder", default="ViT-S/2", choices=sorted(ViT_models))
-    q.add_argument("--rep-dim", type=int, default=256)
-    q.add_argument("--cond", default="rep", choices=["rep", "none"], help="none: the unconditional baseline")
-    q.add_argument("--inject", default="both", choices=["both", "blocks", "input"],
-                   help="both: the paper (decode map at the input + r in every block); blocks: pooled r only (bottleneck)")
-    q.add_argument("--freeze-encoder", action="store_true", help="train the denoiser only (the paper's open question)")
-    q.add_argument("--encoder-ckpt", default=None, help="with --freeze-encoder: take the encoder from this pretrain checkpoint")
-    q.add_argument("--T", type=int, default=1000)
-    q.add_argument("--no-augment", action="store_true")
-
-    q = sub.add_parser("tune", help="replace representation conditioning by labels; fine-tune on a few labels", allow_abbrev=False)
-    add_common_args(q, "runs/repcond/tune", data=False, test=False)
-    add_train_args(q, steps=20_000, batch_size=256, lr=1e-4, **DIT_RECIPE)
-    q.add_argument("--ckpt", required=True, help="a pretrain checkpoint folder (OUT_DIR/ckpt)")
-    q.add_argument("--labels-per-class", type=int, default=None, help="required, or --labeled-fraction: labeled images per class")
-    q.add_argument("--labeled-fraction", type=float, default=None)
-    q.add_argument("--class-dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
-    q.add_argument("--label-init", default="rep-mean", choices=["rep-mean", "random"],
-                   help="rep-mean: start label k at the class-mean representation embedding")
-    q.add_argument("--map-init", default="mean", choices=["mean", "drop"],
-                   help="inject both/input: the decode map at the denoiser's input becomes its mean over the labeled images "
-                        "(folded into pos_embed), or is dropped")
-    q.add_argument("--no-augment", action="store_true")
-
-    q = sub.add_parser("classify", help="Diffusion Classifier Zero, with a timestep sweep", allow_abbrev=False)
-    add_common_args(q, "runs/repcond/classify", data=False)
-    q.add_argument("--ckpt", required=True)
-    q.add_argument("--t", type=int, nargs="+", default=[100, 200, 300, 400, 500, 600, 700, 800, 900])
-    q.add_argument("--n-noise", type=int, default=1, help="noise draws averaged per (image, t)")
-    q.add_argument("--n-test", type=int, default=0, help="classify a random subset of the test split (0: all)")
-    q.add_argument("--n-val", type=int, default=200, help="train-split images, outside tune's labeled set, used to choose t (0: choose on test)")
-    q.add_argument("--positive-class", type=int, default=1, help="two classes: the class whose F1 is reported as f1 (macro_f1 always)")
-    q.add_argument("--batch-size", type=int, default=128, help="images per batch")
-    q.add_argument("--max-batch", type=int, default=2048, help="denoiser batch (images x classes) per forward")
-
-    q = sub.add_parser("probe", help="linear probe on the encoder's representation r", allow_abbrev=False)
-    add_common_args(q, "runs/repcond/probe", data=False)
-    q.add_argument("--ckpt", required=True)
-    q.add_argument("--labels-per-class", type=int, default=None, help="required, or --labeled-fraction: labeled images per class")
-    q.add_argument("--labeled-fraction", type=float, default=None)
-
-    q = sub.add_parser("sample", help="DDPM/DDIM samples, grid PNG, FID", allow_abbrev=False)
-    add_common_args(q, "runs/repcond/sample", data=False)
-    q.add_argument("--ckpt", required=True)
-    q.add_argument("--n-images", type=int, default=64, help="images generated (without --fid)")
-    q.add_argument("--batch-size", type=int, default=64)
-    q.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ddpm: ancestral (as DDPM and DiT), ddim: eta 0")
-    q.add_argument("--sample-steps", type=int, default=None, help="default: T (the full chain); DiT's sample.py uses 250")
-    q.add_argument("--cfg-scale", type=float, default=1.0)
-    q.add_argument("--cfg-channels", type=int, default=None,
-                   help="leading eps channels that get the guidance (default: 3 for an official DiT file, as its sample.py; else all)")
-    q.add_argument("--fid", action="store_true", help="FID (clean-fid, Inception) against --fid-ref")
-    q.add_argument("--fid-ref", default="train", choices=["train", "test"], help="FID's reference split (DiT, DDPM, EDM: train)")
-    q.add_argument("--inception-path", default=None, help=f"FID's Inception weights ({INCEPTION_FILE}; default: clean-fid's cache)")
-    q.add_argument("--n-fid", type=int, default=5000)
-    return p
 
 
 def main(args):

@@ -34,6 +34,126 @@ import os
 import time
 from functools import partial
 
+from cli import add_common_args, add_train_args, answer_early, HelpFormatter, run, UNet_models
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: first, and standard library only, so that --help answers before torch loads
+
+
+STUDENTS = ("resnet18", "resnet50")  # the --student names; Student_models (below) builds them
+STEMS = ("cifar", "imagenet")
+
+
+def add_task_args(q):
+    """The downstream task and its head's flags (finetune, scratch and the bare run)."""
+    q.add_argument("--task", default="classification", choices=["classification", "seg", "landmarks"],
+                   help="classification: linear classifier; seg: BiSeNetV1 around the student (mIoU); landmarks: "
+                        "heatmap head on the student (NME)")
+    q.add_argument("--head-ch", type=int, default=256, help="landmarks: deconv channels (256: the official head)")
+    q.add_argument("--deconvs", type=int, default=3, help="landmarks: deconv layers (3: the official head, heatmaps at 1/4 "
+                                                          "of the input with the imagenet stem)")
+    q.add_argument("--sigma", type=float, default=2.0, help="landmarks: target Gaussian std in heatmap pixels")
+    q.add_argument("--no-flip-test", action="store_true", help="landmarks: no flip test (the official averages it in)")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                                allow_abbrev=False)  # else a sub-command flag such as --t is "ambiguous" here
+    add_common_args(p, "runs/repfusion")
+    p.add_argument("--teacher", default=None, help="pipeline: reuse this teacher checkpoint instead of training one")
+    p.add_argument("--teacher-steps", type=int, default=600, help="pipeline: teacher pre-training steps")
+    p.add_argument("--teacher-ch", type=int, default=16, help="pipeline: the teacher UNet's base width")
+    p.add_argument("--teacher-input", default="noised", choices=["noised", "clean"])
+    p.add_argument("--steps", type=int, default=400, help="pipeline: distillation steps")
+    p.add_argument("--finetune-steps", type=int, default=200, help="pipeline: fine-tune and scratch steps")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="pipeline: lr of finetune and scratch (default: --lr for classification, 1e-2 for seg and landmarks, "
+                        "where 2e-3 leaves the 200-step parsers predicting background)")
+    p.add_argument("--ema-decay", type=float, default=0.99)
+    p.add_argument("--student", default="resnet18", choices=STUDENTS)
+    p.add_argument("--width", type=int, default=16, help="pipeline: student base width (64 = the standard ResNet)")
+    p.add_argument("--t-policy", default="rl", choices=["rl", "fixed", "random"])
+    p.add_argument("--t-bins", type=int, default=10)
+    p.add_argument("--labels-per-class", type=int, default=10, help="pipeline: the label budget of finetune and scratch")
+    add_task_args(p)
+    p.set_defaults(head_ch=32)  # the bare run's landmark head: 32 deconv channels on the CPU (256, the official, is --head-ch 256)
+    p.add_argument("--labeled-fraction", type=float, default=0.02, help="pipeline, dense tasks: the fraction of training images "
+                                                                        "with masks / keypoints for finetune and scratch")
+    p.add_argument("--reward-labels", default="all", choices=["all", "budget"],
+                   help="pipeline: labels the rl reward reads: all train labels (the paper's setting) or only the budget")
+    sub = p.add_subparsers(dest="cmd")
+    sub.add_parser = partial(sub.add_parser, formatter_class=HelpFormatter)
+
+    q = sub.add_parser("distill", help="distil the teacher's features into the student (with the t policy)")
+    add_common_args(q, "runs/repfusion/distill", test=False)
+    # the official schedule: 200 epochs of CIFAR-10 at batch 128, SGD 0.1 (momentum 0.9, wd 1e-4) x0.1 at epochs 100, 150
+    add_train_args(q, steps=78_000, batch_size=128, lr=0.1, grad_clip=0.0, optimizer="sgd", weight_decay=1e-4,
+                   lr_steps=(39_000, 58_500))
+    q.set_defaults(ema_decay=0.999)  # the official EMAHook(momentum=0.001)
+    q.add_argument("--teacher", required=True, help="a ddae_probe.py or repcond_dit.py run (OUT_DIR or OUT_DIR/ckpt), an "
+                                                   "official DiT .pt file, or a public UNet: a diffusers UNet2DModel folder "
+                                                   "(google/ddpm-cifar10-32) or a guided-diffusion .pt file (64x64_diffusion.pt)")
+    q.add_argument("--teacher-layer", default=None,
+                   help="block name (UNet: down.i | mid | up.i or a module inside one such as mid.block2.conv2, official "
+                        "diffusers / guided-diffusion paths too; default: mid_block.resnets.1.conv2 for a diffusers "
+                        "folder (the official teacher feature), else mid; DiT: blocks.i, default the middle one)")
+    q.add_argument("--teacher-input", default="clean", choices=["noised", "clean"],
+                   help="clean: x0 with t (the released code that produced 95.38%%); noised: x_t = sqrt(abar_t) x0 + "
+                        "sqrt(1 - abar_t) eps (the paper's text)")
+    q.add_argument("--student", default="resnet18", choices=STUDENTS)
+    q.add_argument("--width", type=int, default=64, help="student base width (64: the standard ResNet)")
+    q.add_argument("--stem", default="cifar", choices=STEMS, help="cifar: 3x3 stride 1 (32 px inputs); imagenet: 7x7 stride 2 + "
+                                                               "max-pool (the official dense students, 256 px faces)")
+    q.add_argument("--feat-loss", default="mse", choices=["mse", "at", "rkd"])
+    q.add_argument("--feat-weight", type=float, default=None, help="feature loss weight (default, official: mse 1, at 1000, "
+                                                                    "rkd 1 on distance 25 + angle 50)")
+    q.add_argument("--t-policy", default="rl", choices=["rl", "fixed", "random"])
+    q.add_argument("--t", type=int, default=10, help="fixed: the timestep")
+    q.add_argument("--t-bins", type=int, default=1000, help="the policy's categorical: bins over [0, t_max)")
+    q.add_argument("--t-max", type=int, default=None, help="t ranges over [0, t_max) (default: the teacher's T)")
+    q.add_argument("--entropy-coef", type=float, default=0.1)
+    q.add_argument("--entropy-decay-steps", type=int, default=None, help="entropy bonus reaches 0 here (default: steps / 2)")
+    q.add_argument("--baseline", default="none", choices=["none", "ema"],
+                   help="REINFORCE baseline: none (the official code: advantage = reward) or a moving average")
+    q.add_argument("--baseline-momentum", type=float, default=0.9, help="--baseline ema: its momentum")
+    q.add_argument("--head-hidden", type=int, default=None, help="task head width (default: the teacher feature's, 256 "
+                                                                   "for google/ddpm-cifar10-32, as the official 256-256-K MLP)")
+    q.add_argument("--head-layernorm", action="store_true", help="LayerNorm the teacher feature before the task head (not official)")
+    q.add_argument("--policy-zero-init", action="store_true", help="start the policy uniform (zero last layer; not official)")
+    q.add_argument("--hist-every", type=int, default=None, help="steps per row of the t histogram (default: steps / 10)")
+    q.add_argument("--labels-per-class", type=int, default=None, help="labels the task head may read (default: all)")
+    q.add_argument("--labeled-fraction", type=float, default=None)
+    q.add_argument("--no-augment", action="store_true")
+
+    for name, hlp in (("finetune", "fine-tune the distilled student on labels (classification, seg or landmarks)"),
+                      ("scratch", "the same model from scratch, same labels")):
+        q = sub.add_parser(name, help=hlp)
+        add_common_args(q, f"runs/repfusion/{name}", data=name == "scratch")
+        # official: 200 epochs of 50k at batch 64, SGD 0.1 with Nesterov momentum, wd 1e-4, x0.1 at epochs 100 and 150
+        add_train_args(q, steps=156_250, batch_size=64, lr=0.1, grad_clip=0.0, optimizer="sgd", weight_decay=1e-4, nesterov=True,
+                       lr_steps=(78_125, 117_188))
+        add_task_args(q)
+        if name == "finetune":
+            q.add_argument("--ckpt", required=True, help="a distill checkpoint folder (OUT_DIR/ckpt)")
+            q.add_argument("--image-size", type=int, default=None,
+                           help="dense tasks: image size (default the data's: CelebAMask-HQ 512, WFLW crops 256)")
+        else:
+            q.add_argument("--student", default="resnet18", choices=STUDENTS)
+            q.add_argument("--width", type=int, default=64)
+            q.add_argument("--stem", default="cifar", choices=STEMS, help="the ResNet stem (dense tasks on faces: imagenet)")
+        q.add_argument("--labels-per-class", type=int, default=None)
+        q.add_argument("--labeled-fraction", type=float, default=None, help="the fraction of training labels (dense: of images) used")
+        q.add_argument("--no-augment", action="store_true")
+    return p
+
+
+if __name__ == "__main__":
+    answer_early(build_parser())  # --help, or a line argparse refuses, answered before the imports below
+
+# the method's imports (torch takes about 2 s)
 import numpy as np
 import torch
 import torch.distributed as torch_dist
@@ -42,13 +162,13 @@ import torch.nn.functional as F
 
 import data
 from data import UserError
-from training import (add_common_args, add_train_args, all_sum, autocast, check_out_dir, cleanup_distributed, compile_default,
-                      draw_global, find_checkpoint, fit, HelpFormatter, linear_probe, load_json, load_state_dict_strict,
-                      load_weights, resolve_amp, run, RunLog, save_heatmap, save_image_grid, save_json, setup_distributed,
-                      step_generator)
-from models import (checkpoint_kind, Diffusion, load_dit, load_run, load_unet, make_objective, RepCondDiT, UNet, UNet_models,
+from training import (all_sum, autocast, check_out_dir, cleanup_distributed, compile_default, draw_global,
+                      find_checkpoint, fit, linear_probe, load_json, load_state_dict_strict, load_weights, resolve_amp,
+                      RunLog, save_heatmap, save_image_grid, save_json, setup_distributed, step_generator)
+from models import (checkpoint_kind, Diffusion, load_dit, load_run, load_unet, make_objective, RepCondDiT, UNet,
                     unet_file_kind)
 from vae import Space
+
 
 # ----------------------------------------------------------------------------------------------
 # Models: the student (CIFAR ResNet-18/50), the policy (LeNet-like), the task head
@@ -142,7 +262,6 @@ class ResNet(nn.Module):
 
 
 Student_models = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}
-STEMS = ("cifar", "imagenet")
 STAGE_STRIDES = {"cifar": (1, 2, 4, 8), "imagenet": (4, 8, 16, 32)}
 
 
@@ -1299,111 +1418,6 @@ def dense_pipeline(args, p, r_d, teacher, common, train, t0, t_teacher):
           f"| trivial {metrics[f'trivial_{key}']:.4f} ({better} is better) | {metrics['n_labeled']} labeled images | "
           f"{metrics['seconds']['total']:.0f} s")
     return metrics
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
-                                allow_abbrev=False)  # else a sub-command flag such as --t is "ambiguous" here
-    add_common_args(p, "runs/repfusion")
-    p.add_argument("--teacher", default=None, help="pipeline: reuse this teacher checkpoint instead of training one")
-    p.add_argument("--teacher-steps", type=int, default=600, help="pipeline: teacher pre-training steps")
-    p.add_argument("--teacher-ch", type=int, default=16, help="pipeline: the teacher UNet's base width")
-    p.add_argument("--teacher-input", default="noised", choices=["noised", "clean"])
-    p.add_argument("--steps", type=int, default=400, help="pipeline: distillation steps")
-    p.add_argument("--finetune-steps", type=int, default=200, help="pipeline: fine-tune and scratch steps")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--finetune-lr", type=float, default=None,
-                   help="pipeline: lr of finetune and scratch (default: --lr for classification, 1e-2 for seg and landmarks, "
-                        "where 2e-3 leaves the 200-step parsers predicting background)")
-    p.add_argument("--ema-decay", type=float, default=0.99)
-    p.add_argument("--student", default="resnet18", choices=sorted(Student_models))
-    p.add_argument("--width", type=int, default=16, help="pipeline: student base width (64 = the standard ResNet)")
-    p.add_argument("--t-policy", default="rl", choices=["rl", "fixed", "random"])
-    p.add_argument("--t-bins", type=int, default=10)
-    p.add_argument("--labels-per-class", type=int, default=10, help="pipeline: the label budget of finetune and scratch")
-    add_task_args(p)
-    p.set_defaults(head_ch=32)  # the bare run's landmark head: 32 deconv channels on the CPU (256, the official, is --head-ch 256)
-    p.add_argument("--labeled-fraction", type=float, default=0.02, help="pipeline, dense tasks: the fraction of training images "
-                                                                        "with masks / keypoints for finetune and scratch")
-    p.add_argument("--reward-labels", default="all", choices=["all", "budget"],
-                   help="pipeline: labels the rl reward reads: all train labels (the paper's setting) or only the budget")
-    sub = p.add_subparsers(dest="cmd")
-    sub.add_parser = partial(sub.add_parser, formatter_class=HelpFormatter)
-
-    q = sub.add_parser("distill", help="distil the teacher's features into the student (with the t policy)")
-    add_common_args(q, "runs/repfusion/distill", test=False)
-    # the official schedule: 200 epochs of CIFAR-10 at batch 128, SGD 0.1 (momentum 0.9, wd 1e-4) x0.1 at epochs 100, 150
-    add_train_args(q, steps=78_000, batch_size=128, lr=0.1, grad_clip=0.0, optimizer="sgd", weight_decay=1e-4,
-                   lr_steps=(39_000, 58_500))
-    q.set_defaults(ema_decay=0.999)  # the official EMAHook(momentum=0.001)
-    q.add_argument("--teacher", required=True, help="a ddae_probe.py or repcond_dit.py run (OUT_DIR or OUT_DIR/ckpt), an "
-                                                   "official DiT .pt file, or a public UNet: a diffusers UNet2DModel folder "
-                                                   "(google/ddpm-cifar10-32) or a guided-diffusion .pt file (64x64_diffusion.pt)")
-    q.add_argument("--teacher-layer", default=None,
-                   help="block name (UNet: down.i | mid | up.i or a module inside one such as mid.block2.conv2, official "
-                        "diffusers / guided-diffusion paths too; default: mid_block.resnets.1.conv2 for a diffusers "
-                        "folder (the official teacher feature), else mid; DiT: blocks.i, default the middle one)")
-    q.add_argument("--teacher-input", default="clean", choices=["noised", "clean"],
-                   help="clean: x0 with t (the released code that produced 95.38%%); noised: x_t = sqrt(abar_t) x0 + "
-                        "sqrt(1 - abar_t) eps (the paper's text)")
-    q.add_argument("--student", default="resnet18", choices=sorted(Student_models))
-    q.add_argument("--width", type=int, default=64, help="student base width (64: the standard ResNet)")
-    q.add_argument("--stem", default="cifar", choices=STEMS, help="cifar: 3x3 stride 1 (32 px inputs); imagenet: 7x7 stride 2 + "
-                                                               "max-pool (the official dense students, 256 px faces)")
-    q.add_argument("--feat-loss", default="mse", choices=["mse", "at", "rkd"])
-    q.add_argument("--feat-weight", type=float, default=None, help="feature loss weight (default, official: mse 1, at 1000, "
-                                                                    "rkd 1 on distance 25 + angle 50)")
-    q.add_argument("--t-policy", default="rl", choices=["rl", "fixed", "random"])
-    q.add_argument("--t", type=int, default=10, help="fixed: the timestep")
-    q.add_argument("--t-bins", type=int, default=1000, help="the policy's categorical: bins over [0, t_max)")
-    q.add_argument("--t-max", type=int, default=None, help="t ranges over [0, t_max) (default: the teacher's T)")
-    q.add_argument("--entropy-coef", type=float, default=0.1)
-    q.add_argument("--entropy-decay-steps", type=int, default=None, help="entropy bonus reaches 0 here (default: steps / 2)")
-    q.add_argument("--baseline", default="none", choices=["none", "ema"],
-                   help="REINFORCE baseline: none (the official code: advantage = reward) or a moving average")
-    q.add_argument("--baseline-momentum", type=float, default=0.9, help="--baseline ema: its momentum")
-    q.add_argument("--head-hidden", type=int, default=None, help="task head width (default: the teacher feature's, 256 "
-                                                                   "for google/ddpm-cifar10-32, as the official 256-256-K MLP)")
-    q.add_argument("--head-layernorm", action="store_true", help="LayerNorm the teacher feature before the task head (not official)")
-    q.add_argument("--policy-zero-init", action="store_true", help="start the policy uniform (zero last layer; not official)")
-    q.add_argument("--hist-every", type=int, default=None, help="steps per row of the t histogram (default: steps / 10)")
-    q.add_argument("--labels-per-class", type=int, default=None, help="labels the task head may read (default: all)")
-    q.add_argument("--labeled-fraction", type=float, default=None)
-    q.add_argument("--no-augment", action="store_true")
-
-    for name, hlp in (("finetune", "fine-tune the distilled student on labels (classification, seg or landmarks)"),
-                      ("scratch", "the same model from scratch, same labels")):
-        q = sub.add_parser(name, help=hlp)
-        add_common_args(q, f"runs/repfusion/{name}", data=name == "scratch")
-        # official: 200 epochs of 50k at batch 64, SGD 0.1 with Nesterov momentum, wd 1e-4, x0.1 at epochs 100 and 150
-        add_train_args(q, steps=156_250, batch_size=64, lr=0.1, grad_clip=0.0, optimizer="sgd", weight_decay=1e-4, nesterov=True,
-                       lr_steps=(78_125, 117_188))
-        add_task_args(q)
-        if name == "finetune":
-            q.add_argument("--ckpt", required=True, help="a distill checkpoint folder (OUT_DIR/ckpt)")
-            q.add_argument("--image-size", type=int, default=None,
-                           help="dense tasks: image size (default the data's: CelebAMask-HQ 512, WFLW crops 256)")
-        else:
-            q.add_argument("--student", default="resnet18", choices=sorted(Student_models))
-            q.add_argument("--width", type=int, default=64)
-            q.add_argument("--stem", default="cifar", choices=STEMS, help="the ResNet stem (dense tasks on faces: imagenet)")
-        q.add_argument("--labels-per-class", type=int, default=None)
-        q.add_argument("--labeled-fraction", type=float, default=None, help="the fraction of training labels (dense: of images) used")
-        q.add_argument("--no-augment", action="store_true")
-    return p
-
-
-def add_task_args(q):
-    """The downstream task and its head's flags (finetune, scratch and the bare run)."""
-    q.add_argument("--task", default="classification", choices=["classification", "seg", "landmarks"],
-                   help="classification: linear classifier; seg: BiSeNetV1 around the student (mIoU); landmarks: "
-                        "heatmap head on the student (NME)")
-    q.add_argument("--head-ch", type=int, default=256, help="landmarks: deconv channels (256: the official head)")
-    q.add_argument("--deconvs", type=int, default=3, help="landmarks: deconv layers (3: the official head, heatmaps at 1/4 "
-                                                          "of the input with the imagenet stem)")
-    q.add_argument("--sigma", type=float, default=2.0, help="landmarks: target Gaussian std in heatmap pixels")
-    q.add_argument("--no-flip-test", action="store_true", help="landmarks: no flip test (the official averages it in)")
 
 
 def main(args):

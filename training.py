@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -24,7 +23,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import data
-from data import UserError
+from cli import INCEPTION_FILE, UserError
+
 
 # ----------------------------------------------------------------------------------------------
 # Distributed set-up and precision: plain python or torchrun, one process per GPU
@@ -479,107 +479,6 @@ def fit(model, loss_fn, loader, args, dist, out_dir, config, flops_per_image=0.0
     return model, ema
 
 
-def add_train_args(p, steps, batch_size, lr, grad_clip=1.0, ema_warmup=True, optimizer="adamw", weight_decay=0.0,
-                   nesterov=False, lr_steps=()):
-    """The training flags every script shares (same names everywhere), with this stage's defaults."""
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch-size", type=int, default=batch_size, help="global batch, across ranks")
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--optimizer", default=optimizer, choices=["adamw", "sgd"], help="adamw: betas (0.9, 0.999); sgd: --momentum")
-    p.add_argument("--momentum", type=float, default=0.9, help="sgd's momentum")
-    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=nesterov, help="sgd: Nesterov momentum")
-    p.add_argument("--weight-decay", type=float, default=weight_decay)
-    p.add_argument("--warmup", type=int, default=0, help="linear lr warm-up steps")
-    p.add_argument("--lr-steps", type=int, nargs="*", default=list(lr_steps),
-                   help="multiply the lr by 0.1 at each of these steps (a step schedule; give it again when you change --steps)")
-    p.add_argument("--grad-clip", type=float, default=grad_clip, help="max global gradient norm (0: no clipping)")
-    p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=ema_warmup,
-                   help="EMA decay min(--ema-decay, (1 + step) / (10 + step)): it follows the model closely early on")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint interval: at the first log step at or past each multiple")
-    p.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR/ckpt (the flags that shape the run must match)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator bf16 peak for MFU (H100 SXM dense: 989)")
-
-
-def add_common_args(p, out_dir, data=True, test=True):
-    """The flags every stage shares. out_dir: this script's and stage's own default folder (a stage never writes
-    into another's). data=False for stages that read their data from a checkpoint (they get --data as an override);
-    test=False for stages that never read a test split (no --test-data)."""
-    if data:
-        p.add_argument("--data", default="shapes", help="shapes | cifar10 | cifar100 | tinyimagenet | a folder | a latents .safetensors")
-        p.add_argument("--image-size", type=int, default=None, help="resize (ADM center crop) to this many pixels")
-        p.add_argument("--vae-path", default=None, help="SD VAE file: encode images to latents on the fly (else pixel space)")
-    else:
-        p.add_argument("--data", default=None, help="the data to use instead of the checkpoint's (the same sample shape)")
-        p.add_argument("--vae-path", default=None, help="the SD VAE to use instead of the checkpoint's")
-    if test:
-        p.add_argument("--test-data", default=None, help="the test split's file when the data is one split's (a latents file)")
-    p.add_argument("--out-dir", default=out_dir)
-    p.add_argument("--overwrite", action="store_true", help="replace what OUT_DIR holds (without it, a folder holding a run is refused)")
-    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="auto: bf16 on CUDA, fp32 on the CPU")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on for CUDA)")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the docstring's layout and shows every default, also of flags without a help text."""
-    def add_argument(self, action):
-        if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
-            action.help = "(default: %(default)s)"
-        super().add_argument(action)
-
-
-def parse_args(parser, argv=None):
-    """parser.parse_args, except that a flag given BEFORE the subcommand is handed to the subcommand: plain argparse
-    lets the subcommand's own default silently replace it (`x.py --steps 3 pretrain` ran 400,000 steps). A flag the
-    subcommand does not take is then refused by argparse, naming it."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-    i = 0
-    while sub is not None and i < len(argv):
-        tok = argv[i]
-        if tok in sub.choices:
-            if i > 0:
-                argv = [tok, *argv[:i], *argv[i + 1:]]
-            break
-        action = parser._option_string_actions.get(tok.split("=", 1)[0]) if tok.startswith("-") else None
-        i += 1
-        if action is not None and "=" not in tok:  # skip the flag's values
-            if action.nargs in ("+", "*"):
-                while i < len(argv) and not argv[i].startswith("-") and argv[i] not in sub.choices:
-                    i += 1
-            elif action.nargs is None or action.nargs == "?":
-                i += 1
-            elif isinstance(action.nargs, int):
-                i += action.nargs
-    return parser.parse_args(argv)
-
-
-def _one_line_errors(parser):
-    """argparse's own errors (a missing or unknown flag) as one line and exit status 1, like every other user error."""
-    def error(message):
-        raise UserError(f"{message} (see {parser.prog} --help)")
-    parser.error = error
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                _one_line_errors(sub)
-
-
-def run(main, parser, argv=None):
-    """A script's entry point: parse (parse_args), run main(args), and turn a UserError into one `error: ...` line and
-    exit status 1, printed by rank 0 only (under torchrun every rank stops; one line says why)."""
-    _one_line_errors(parser)
-    try:
-        main(parse_args(parser, argv))
-    except UserError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 READS = ("ckpt", "ckpts", "teacher", "encoder_ckpt", "grid", "unet_path", "sd_path")  # flags naming what a stage reads
 
 
@@ -649,7 +548,6 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, steps=500, lr=1e
 
 
 INCEPTION_DIM = 2048  # clean-fid's Inception pool3 features
-INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's TorchScript Inception (the one StyleGAN2-ADA and EDM use)
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_CACHE = "/tmp"  # where clean-fid looks for (and downloads) it
 

@@ -19,6 +19,41 @@ import os
 import re
 import sys
 
+from cli import HelpFormatter
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help in (("encode", "cache the posterior of every image (and its flip) in one file per split"),
+                       ("recon", "original-vs-reconstruction grid PNG and PSNR")):
+        s = sub.add_parser(name, help=help)
+        s.add_argument("--data", required=True, help="data set name or path, as data.load")
+        if name == "encode":
+            s.add_argument("--split", nargs="+", default=["train"], help="train | test (several: put {split} in --out)")
+        else:
+            s.add_argument("--split", default="train", help="train | test")
+        s.add_argument("--image-size", type=int, default=None, help="resize (center crop) images to this size")
+        s.add_argument("--vae-path", required=True, help="VAE weights: .safetensors/.ckpt/.pt, LDM or diffusers layout")
+        s.add_argument("--scaling-factor", type=float, default=None, help="default 0.18215 (SDXL: 0.13025)")
+        s.add_argument("--batch-size", type=int, default=64 if name == "encode" else 16)
+        s.add_argument("--device", default=None, help="default cuda if available, else cpu")
+        s.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
+                       help="auto: bf16 autocast on CUDA, fp32 on the CPU (as every script; never fp16: SD VAEs overflow)")
+        if name == "encode":
+            s.add_argument("--out", required=True, help="latents .safetensors file to write")
+            s.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage dtype")
+            s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                           help="torch.compile the encoder (default: on CUDA only)")
+        else:
+            s.add_argument("--out-dir", required=True)
+            s.add_argument("--n-images", type=int, default=16, help="number of images in the grid and the PSNR")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help, or a line argparse refuses, answered before the imports below (torch: about 2 s)
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -500,7 +535,6 @@ class Space:
                             f"{'bf16' if self.amp == 'bf16' else 'fp32'}: the VAE, not the model, overflowed")
 
 
-
 def _device(name):
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -609,35 +643,6 @@ def cmd_recon(args):
 
 def main(args):
     {"encode": cmd_encode, "recon": cmd_recon}[args.command](args)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    for name, help in (("encode", "cache the posterior of every image (and its flip) in one file per split"),
-                       ("recon", "original-vs-reconstruction grid PNG and PSNR")):
-        s = sub.add_parser(name, help=help)
-        s.add_argument("--data", required=True, help="data set name or path, as data.load")
-        if name == "encode":
-            s.add_argument("--split", nargs="+", default=["train"], help="train | test (several: put {split} in --out)")
-        else:
-            s.add_argument("--split", default="train", help="train | test")
-        s.add_argument("--image-size", type=int, default=None, help="resize (center crop) images to this size")
-        s.add_argument("--vae-path", required=True, help="VAE weights: .safetensors/.ckpt/.pt, LDM or diffusers layout")
-        s.add_argument("--scaling-factor", type=float, default=None, help="default 0.18215 (SDXL: 0.13025)")
-        s.add_argument("--batch-size", type=int, default=64 if name == "encode" else 16)
-        s.add_argument("--device", default=None, help="default cuda if available, else cpu")
-        s.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
-                       help="auto: bf16 autocast on CUDA, fp32 on the CPU (as every script; never fp16: SD VAEs overflow)")
-        if name == "encode":
-            s.add_argument("--out", required=True, help="latents .safetensors file to write")
-            s.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage dtype")
-            s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                           help="torch.compile the encoder (default: on CUDA only)")
-        else:
-            s.add_argument("--out-dir", required=True)
-            s.add_argument("--n-images", type=int, default=16, help="number of images in the grid and the PSNR")
-    return p.parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import cli
 import data
 import ddae_probe
 import diffusion_classifier
@@ -38,18 +39,18 @@ def test_default_output_folders_are_per_script_and_per_stage():
 @pytest.mark.parametrize("name", ["repcond_dit", "repfusion", "ddae_probe", "diffusion_classifier"])
 def test_flags_before_the_subcommand_are_used(name):
     stage = STAGES[name][0]
-    args = training.parse_args(SCRIPTS[name].build_parser(), ["--steps", "3", "--batch-size", "8", stage,
+    args = cli.parse_args(SCRIPTS[name].build_parser(), ["--steps", "3", "--batch-size", "8", stage,
                                                                *REQUIRED.get((name, stage), []), "--seed", "5"])
     assert (args.cmd, args.steps, args.batch_size, args.seed) == (stage, 3, 8, 5)  # were the subcommand's defaults
 
 
 def test_a_flag_the_subcommand_does_not_take_is_refused_in_one_line(capsys):
     with pytest.raises(SystemExit) as e:  # --tune-steps belongs to the bare run only
-        training.run(repcond_dit.main, repcond_dit.build_parser(), ["--tune-steps", "5", "pretrain"])
+        cli.run(repcond_dit.main, repcond_dit.build_parser(), ["--tune-steps", "5", "pretrain"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1 and "error: unrecognized arguments: --tune-steps 5" in err[0], err
     with pytest.raises(SystemExit) as e:  # argparse's own errors too: one line, status 1
-        training.run(repcond_dit.main, repcond_dit.build_parser(), ["tune", "--steps", "4"])
+        cli.run(repcond_dit.main, repcond_dit.build_parser(), ["tune", "--steps", "4"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1 and "required: --ckpt" in err[0], err
 
@@ -119,7 +120,7 @@ def test_torchrun_prints_an_error_once(tmp_path, monkeypatch, capsys):
     for rank, printed in (("0", True), ("1", False)):
         monkeypatch.setenv("RANK", rank)
         with pytest.raises(SystemExit) as e:
-            training.run(fail, argparse.ArgumentParser(), [])
+            cli.run(fail, argparse.ArgumentParser(), [])
         assert e.value.code == 1 and ("error: --data x: no such file" in capsys.readouterr().err) == printed
 
 
@@ -228,3 +229,46 @@ def test_every_file_a_run_writes_gets_the_users_umask(tmp_path):
         assert os.stat(tmp_path / "x.safetensors").st_mode & 0o777 == 0o644  # safetensors alone writes 0600
     finally:
         os.umask(old)
+
+
+HELP_PROBE = """
+import runpy, sys, time
+sys.argv = [{script!r}, *{args!r}]
+t0 = time.perf_counter()
+try:
+    runpy.run_path({script!r}, run_name="__main__")
+except SystemExit as e:
+    code = e.code
+print("\\nRESULT", code, "torch" in sys.modules, round(time.perf_counter() - t0, 3))
+"""
+
+
+@pytest.mark.parametrize("script,args", [("repcond_dit.py", ["--help"]), ("ddae_probe.py", ["probe", "--help"]),
+                                         ("diffusion_classifier.py", ["classify", "--help"]),
+                                         ("repfusion.py", ["distill", "--help"]), ("vae.py", ["encode", "--help"]),
+                                         ("data.py", ["--help"]), ("repcond_dit.py", ["pretrain", "--bogus", "1"])])
+def test_help_and_a_refused_line_answer_before_torch_loads(script, args):
+    """--help (and a flag argparse refuses) is answered by the standard-library parser at the top of each script:
+    torch, about 2 s to import, never loads (the answer takes a few tens of ms)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", HELP_PROBE.format(script=script, args=args)], cwd=root,
+                         capture_output=True, text=True, timeout=60)
+    code, torch_loaded, seconds = out.stdout.rsplit("RESULT", 1)[1].split()
+    assert torch_loaded == "False", f"{script} {args} imported torch"
+    assert code == ("0" if "--help" in args else "1")
+    if "--help" in args:
+        assert "usage:" in out.stdout and "(default:" in out.stdout
+    else:
+        assert out.stderr.strip().count("\n") == 0 and "--bogus" in out.stderr  # one line
+
+
+def test_names_the_command_line_offers_are_the_ones_the_models_build():
+    """The parsers' choices live in the torch-free cli.py (and repfusion's STUDENTS); each is a model the code builds."""
+    import models
+    assert repfusion.STUDENTS == tuple(repfusion.Student_models)
+    for name in cli.DiT_models:
+        assert isinstance(models.DiT(input_size=8, in_channels=3, num_classes=2, learn_sigma=False,
+                                     **dict(cli.DiT_models[name], depth=1)), torch.nn.Module)
+    assert set(cli.UNet_models) == {"ddpm", "ddpmpp", "tiny"}

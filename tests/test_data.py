@@ -132,6 +132,35 @@ def test_shapes_not_readable_from_pixels_or_mean_colour():
     colour_acc = ridge(poly(mc(train)), poly(mc(test)), 1e-3)
     assert colour_acc < 0.17, colour_acc  # chance is 0.10
 
+
+def test_digits_are_scikit_learns_with_a_fixed_stratified_split(monkeypatch):
+    """The built-in real set: the same pixels and labels as sklearn.datasets.load_digits (the reference reader of the
+    file), split 1,442 / 355 with every class in both, RGB, 32 px by default."""
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    ref = sklearn_datasets.load_digits()
+    train, test = data.load("digits", image_size=8), data.load("digits", "test", image_size=8)
+    assert (len(train), len(test)) == (1442, 355) and train.classes == [str(k) for k in range(10)]
+    assert torch.bincount(test.labels).min() >= 34 and torch.bincount(train.labels).min() >= 140
+    ours = torch.cat([train.images, test.images])  # (1797, 3, 8, 8) uint8
+    assert torch.equal(ours[:, 0], ours[:, 2])
+    ref_images = torch.from_numpy(np.round(ref.images * 255 / 16).astype(np.uint8))
+    order = torch.from_numpy(np.concatenate(_digits_split_indices(ref.target)))  # train, then test, in file order
+    assert torch.equal(ours[:, 0], ref_images[order]) and torch.equal(torch.cat([train.labels, test.labels]),
+                                                                      torch.from_numpy(ref.target)[order])
+    assert data.load("digits").images.shape == (1442, 3, 32, 32)
+    monkeypatch.setattr(data, "DIGITS_FILE", ("not_a_package_xyz", "digits.csv.gz"))
+    data._digits_raw.cache_clear()
+    try:
+        assert_user_error(lambda: data.load("digits"), "pip install scikit-learn")
+    finally:
+        data._digits_raw.cache_clear()
+
+
+def _digits_split_indices(labels):
+    """-> (train indices, test indices): every fifth image of each class (in file order) is test."""
+    test = np.concatenate([np.nonzero(labels == k)[0][4::5] for k in range(10)])
+    return np.setdiff1d(np.arange(len(labels)), test), np.sort(test)
+
 # -----------------------------------------------------------------------------
 # CIFAR
 

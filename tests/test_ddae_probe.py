@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import cli
 import data
 import ddae_probe as dp
 import repcond_dit as rd
@@ -39,7 +40,7 @@ def losses(out):
 
 def test_presets_have_the_papers_sizes_and_hooks_return_the_documented_shapes():
     with torch.device("meta"):  # shapes only: the 35.7M / 55.7M nets cost nothing here
-        ddpm, ddpmpp = models.UNet(**models.UNet_models["ddpm"]), models.UNet(**models.UNet_models["ddpmpp"])
+        ddpm, ddpmpp = models.UNet(**cli.UNet_models["ddpm"]), models.UNet(**cli.UNet_models["ddpmpp"])
         for net in (ddpm, ddpmpp):
             raw = {}
             hooks = [net.layer(n).register_forward_hook(lambda m, i, o, n=n: raw.__setitem__(n, tuple(o.shape))) for n in net.layer_names()]
@@ -53,7 +54,7 @@ def test_presets_have_the_papers_sizes_and_hooks_return_the_documented_shapes():
     assert round(sum(p.numel() for p in ddpmpp.parameters()) / 1e6, 1) == 55.7  # EDM's DDPM++, 55.7M
     assert ddpm.layer_names()[:3] == ["down.0", "down.1", "down.2"] and "mid" in ddpm.layer_names() and len(ddpm.layers) == 27
     assert [n for n, _, r in ddpm.layers if r == 8 and n.startswith("up.")][-1] == "up.6"  # the paper's last 8x8 decoder block
-    tiny = models.UNet(**models.UNet_models["tiny"])
+    tiny = models.UNet(**cli.UNet_models["tiny"])
     assert sum(p.numel() for p in tiny.parameters()) < 2e6
     for p in tiny.parameters():
         torch.nn.init.normal_(p, std=0.1)
@@ -65,7 +66,7 @@ def test_presets_have_the_papers_sizes_and_hooks_return_the_documented_shapes():
 
 
 def test_class_conditional_unet_uses_the_null_label_by_default():
-    net = models.UNet(**dict(models.UNet_models["tiny"], ch=16, image_size=16, num_classes=10))
+    net = models.UNet(**dict(cli.UNet_models["tiny"], ch=16, image_size=16, num_classes=10))
     for p in net.parameters():  # zero-initialised convs would hide the label
         torch.nn.init.normal_(p, std=0.1)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3.0, 7.0])
@@ -151,7 +152,7 @@ def test_the_typed_t_is_the_papers_t_counted_from_1_as_the_official_code():
     UNet backbones use for a typed t is that alphabar: schedule index t - 1 (the official t = 11 is index 10)."""
     beta = torch.cat([torch.zeros(1, dtype=torch.float64), torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)])
     official_abar = torch.cumprod(1 - beta, 0)  # DDAE's schedules(..., 'DDPM')["alphabar_t"], index = the official t
-    net = models.UNet(**dict(models.UNet_models["tiny"], ch=16))
+    net = models.UNet(**dict(cli.UNet_models["tiny"], ch=16))
     obj = models.make_objective({"objective": "ddpm"}, first_t=dp.paper_first_t(net))
     assert obj.first_t == 1 and obj.check_levels([1, 11, 1000]) == [1, 11, 1000]
     x0, eps = torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1)
@@ -339,7 +340,7 @@ def test_noisy_classifier_per_noise_level(ddpm_run, tmp_path):
 def test_noisy_classifier_time_embedding_and_levels_are_the_official_ones():
     """noisy_classifier_DDAE.py: x + TimeEmbedding(dim)(t) on the raw t, TimeEmbedding written out from model/block.py;
     EDM's t indexes the 18 Heun sigmas (t = 1: sigma_min)."""
-    net = models.UNet(**dict(models.UNet_models["tiny"], ch=16))
+    net = models.UNet(**dict(cli.UNet_models["tiny"], ch=16))
     m = dp.NoisyClassifier(net.truncated("mid"), 10)
     d = net.layers[[n for n, _, _ in net.layers].index("mid")][1]
     t = torch.tensor([1.0, 11.0, 500.0, 1000.0])

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+import cli
 import data
 import diffusion_classifier as dc
 
@@ -44,7 +45,7 @@ class Recorder(nn.Module):
 def random_dit(K=3, size=8, C=3, seed=0):
     """A tiny DiT with random (not adaLN-zero) weights, so every class gives a different eps."""
     torch.manual_seed(seed)
-    dit = models.DiT(input_size=size, in_channels=C, num_classes=K, learn_sigma=False, **models.DiT_models["DiT-XS/4"])
+    dit = models.DiT(input_size=size, in_channels=C, num_classes=K, learn_sigma=False, **cli.DiT_models["DiT-XS/4"])
     for p in dit.parameters():
         p.data.normal_(0, 0.05)
     return dit.eval()

@@ -20,6 +20,7 @@ if __name__ == "__main__":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import cli  # noqa: E402
 import ddae_probe  # noqa: E402
 import diffusion_classifier  # noqa: E402
 import repcond_dit  # noqa: E402
@@ -226,8 +227,8 @@ def _fit(out, steps, bad=None, at=None):
     """The real fit() on a small MLP; bad="loss": the loss is NaN from step `at` on; bad="grad": at step `at` the loss
     is finite but its gradient is NaN (torch.where's unselected branch: 0 * d sqrt(-1) = NaN), as happens in practice."""
     p = argparse.ArgumentParser()
-    training.add_common_args(p, "runs/test")
-    training.add_train_args(p, steps=steps, batch_size=8, lr=1e-2)
+    cli.add_common_args(p, "runs/test")
+    cli.add_train_args(p, steps=steps, batch_size=8, lr=1e-2)
     args = p.parse_args(["--device", "cpu", "--log-every", "2", "--ckpt-every", "2"])
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import cli
 import data
 import diffusion_classifier as dc
 import models
@@ -22,7 +23,7 @@ SMALL_VAE = dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
 
 def tiny_dit(num_classes=10, seed=0):
     torch.manual_seed(seed)
-    return models.DiT(input_size=8, in_channels=4, num_classes=num_classes, learn_sigma=True, **models.DiT_models["DiT-XS/4"])
+    return models.DiT(input_size=8, in_channels=4, num_classes=num_classes, learn_sigma=True, **cli.DiT_models["DiT-XS/4"])
 
 
 # ---------------------------------------------------------------------------------------------- Kind C: checkpoints
@@ -55,11 +56,11 @@ def test_state_dicts_of_wrapped_models_load_strictly_everywhere(tmp_path, prefix
     torch.save(sd, tmp_path / "ddp.pt")
     assert all(torch.equal(models.load_dit(tmp_path / "ddp.pt").state_dict()[k], v) for k, v in dit.state_dict().items())
     # our own checkpoint folders (every method's --ckpt / --teacher / --resume goes through load_weights)
-    net = models.UNet(**dict(models.UNet_models["tiny"], image_size=16))
+    net = models.UNet(**dict(cli.UNet_models["tiny"], image_size=16))
     os.makedirs(tmp_path / "ckpt")
     save_file({prefix + k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "ckpt" / "model.safetensors"))
     training.save_json(str(tmp_path / "ckpt" / "config.json"), {})
-    other = models.UNet(**dict(models.UNet_models["tiny"], image_size=16))
+    other = models.UNet(**dict(cli.UNet_models["tiny"], image_size=16))
     training.load_weights(str(tmp_path / "ckpt"), other)
     assert all(torch.equal(other.state_dict()[k], v) for k, v in net.state_dict().items())
     # the VAE
@@ -176,8 +177,8 @@ class _Batches:
 
 def _fit(out, argv, loss_scale=1.0):
     p = argparse.ArgumentParser()
-    training.add_common_args(p, "runs/test")
-    training.add_train_args(p, steps=25, batch_size=8, lr=1e-2)
+    cli.add_common_args(p, "runs/test")
+    cli.add_train_args(p, steps=25, batch_size=8, lr=1e-2)
     args = p.parse_args(["--device", "cpu", *argv])
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))

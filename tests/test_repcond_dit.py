@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import repcond_dit as rd
+from cli import DiT_models
 from data import UserError
 import models
 import training
@@ -35,7 +36,7 @@ def cli(argv, **kw):
 def test_dit_names_and_shapes_equal_official_release(name):
     ref = json.load(open(REF))[name]
     with torch.device("meta"):
-        model = models.DiT(input_size=32, in_channels=4, num_classes=1000, learn_sigma=True, **models.DiT_models[name])
+        model = models.DiT(input_size=32, in_channels=4, num_classes=1000, learn_sigma=True, **DiT_models[name])
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == ref
 
 
@@ -102,14 +103,14 @@ def test_sincos_positions_follow_the_mae_layout():
 
 
 def test_adaln_zero_makes_a_fresh_dit_predict_zero():
-    model = models.DiT(input_size=16, in_channels=3, num_classes=4, learn_sigma=False, **models.DiT_models["DiT-XS/4"])
+    model = models.DiT(input_size=16, in_channels=3, num_classes=4, learn_sigma=False, **DiT_models["DiT-XS/4"])
     out = model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), y=torch.tensor([0, 4]))
     assert out.shape == (2, 3, 16, 16) and out.abs().max() == 0
 
 
 def test_cfg_with_scale_one_equals_the_conditional_prediction():
     torch.manual_seed(0)
-    model = models.DiT(input_size=16, in_channels=3, num_classes=4, learn_sigma=True, **models.DiT_models["DiT-XS/4"])
+    model = models.DiT(input_size=16, in_channels=3, num_classes=4, learn_sigma=True, **DiT_models["DiT-XS/4"])
     for p in model.parameters():
         p.data.normal_(0, 0.05)
     x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([5, 50, 500]), torch.tensor([0, 1, 2])
@@ -146,7 +147,7 @@ def test_dc0_shares_eps_across_classes_and_picks_the_best_reconstruction():
 def test_cfg_can_guide_the_first_three_channels_as_the_official_dit():
     """The official DiT's forward_with_cfg: eps[:, :3] guided, eps[:, 3] and the variance channels conditional."""
     torch.manual_seed(0)
-    model = models.DiT(input_size=16, in_channels=4, num_classes=4, learn_sigma=True, **models.DiT_models["DiT-XS/4"])
+    model = models.DiT(input_size=16, in_channels=4, num_classes=4, learn_sigma=True, **DiT_models["DiT-XS/4"])
     for p in model.parameters():
         p.data.normal_(0, 0.05)
     x, t, y, s = torch.randn(2, 4, 16, 16), torch.tensor([5, 500]), torch.tensor([0, 3]), 4.0

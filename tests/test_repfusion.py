@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import repfusion as rf
+from cli import add_common_args, add_train_args, DiT_models
 from data import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -298,7 +299,7 @@ def test_an_official_dit_file_is_a_teacher_as_in_every_script(tmp_path):
     on `shapes`); the teacher reads the middle block with the null label and stays frozen."""
     import models
     torch.manual_seed(0)
-    dit = models.DiT(input_size=32, in_channels=3, num_classes=10, learn_sigma=True, **models.DiT_models["DiT-XS/8"])
+    dit = models.DiT(input_size=32, in_channels=3, num_classes=10, learn_sigma=True, **DiT_models["DiT-XS/8"])
     for p in dit.parameters():
         p.data.normal_(0, 0.02)
     torch.save({"ema": dit.state_dict(), "args": None}, tmp_path / "dit.pt")
@@ -322,8 +323,8 @@ def test_official_optimizer_and_step_schedule(tmp_path):
     import argparse
     import training
     p = argparse.ArgumentParser()
-    training.add_train_args(p, 8, 4, 0.1, optimizer="sgd", nesterov=True, lr_steps=(4, 6))
-    training.add_common_args(p, str(tmp_path))
+    add_train_args(p, 8, 4, 0.1, optimizer="sgd", nesterov=True, lr_steps=(4, 6))
+    add_common_args(p, str(tmp_path))
     args = p.parse_args(["--log-every", "1", "--device", "cpu", "--no-compile"])
 
     class Batches:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cli
 import ddae_probe as dp
 import models
 import repfusion as rf
@@ -419,7 +420,7 @@ def test_adm_module_paths_and_ddae_out_k_resolve():
     assert [net.resolve_layer(f"out_{k}") for k in (1, 3, 4, 7)] == ["up.0", "up.2", "up.4", "up.8"]
     # DDAE's numbering on our presets: DDPM's best out_6 and DDPM++'s best out_7 (FutureXiang/ddae configs)
     with torch.device("meta"):
-        ddpm, ddpmpp = models.UNet(**models.UNet_models["ddpm"]), models.UNet(**models.UNet_models["ddpmpp"])
+        ddpm, ddpmpp = models.UNet(**cli.UNet_models["ddpm"]), models.UNet(**cli.UNet_models["ddpmpp"])
     assert ddpm.resolve_layer("out_6") == "up.6" and ddpmpp.resolve_layer("out_7") == "up.7"
     up16 = [n for n, _, r in ddpmpp.layers if r == 16 and getattr(ddpmpp.get_submodule(n), "cat_skip", False)]
     assert up16[:2] == ["up.6", "up.7"]  # out_7: DDPM++'s second 16x16 decoder res block (up.5 is the upsampling block)
