@@ -85,7 +85,8 @@ def build_parser():
                                 allow_abbrev=False)  # exact flags: a prefix here would swallow a subcommand's flag
     add_common_args(p, "runs/ddae")
     p.add_argument("--objective", default="ddpm", choices=["ddpm", "edm"])
-    p.add_argument("--steps", type=int, default=400, help="pipeline: pretrain steps of the tiny UNet")
+    p.set_defaults(image_size=16)  # the bare run's resolution, as repcond_dit.py and diffusion_classifier.py: see pipeline
+    p.add_argument("--steps", type=int, default=1600, help="pipeline: pretrain steps of the tiny UNet")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=50)
@@ -1222,7 +1223,12 @@ def bench_grid(ckpt=None, dit_path=None, data_spec=None, t=None, layers=None, la
 
 
 def pipeline(args):
-    """python ddae_probe.py --out-dir D: a tiny UNet pretrained on `shapes`, then the layer x t probe grid."""
+    """python ddae_probe.py --out-dir D: a tiny UNet pretrained on `shapes`, then the layer x t probe grid.
+
+    Budget (2 CPU cores, under 2 minutes): 16 x 16 images and 1600 steps. At the same wall time as 400 steps at 32 x 32,
+    the four times as many steps at a quarter of the pixels give features that beat raw pixels on real images too
+    (on the built-in digits, 2026-11-29: best probe 0.820 vs raw pixels 0.803; at 32 px / 400 steps 0.685 vs 0.823)
+    and keep the lead on shapes (0.404 vs 0.229; 0.436 vs 0.259 at 32 px)."""
     t_start, out = time.time(), args.out_dir
     common = ["--data", args.data, "--device", args.device, "--seed", str(args.seed)]
     pre = pretrain(build_parser().parse_args(

@@ -77,6 +77,10 @@ def build_parser():
     p.add_argument("--width", type=int, default=16, help="pipeline: student base width (64 = the standard ResNet)")
     p.add_argument("--t-policy", default="rl", choices=["rl", "fixed", "random"])
     p.add_argument("--t-bins", type=int, default=10)
+    p.add_argument("--feat-loss", default="at", choices=["mse", "at", "rkd"],
+                   help="pipeline: the distillation loss. at (attention transfer of the teacher's spatial map): on shapes, "
+                        "seeds 0-2, the fine-tuned student 0.508-0.629 vs scratch 0.259-0.421; mse on the pooled feature "
+                        "0.291-0.500 (docs/repfusion.md)")
     p.add_argument("--labels-per-class", type=int, default=10, help="pipeline: the label budget of finetune and scratch")
     add_task_args(p)
     p.set_defaults(head_ch=32)  # the bare run's landmark head: 32 deconv channels on the CPU (256, the official, is --head-ch 256)
@@ -1315,12 +1319,12 @@ def train_teacher(args, out):
     objective on the same data, as `ddae_probe.py pretrain --model tiny` would; its checkpoint is that format."""
     dist = setup_distributed(args.device, args.amp)
     torch.manual_seed(args.seed)  # initial weights: the same on every rank
-    ds = data.load(args.data, "train")
+    ds = data.load(args.data, "train", args.image_size)
     space = Space(ds, None, dist.device)
     C, H, W = space.sample_shape
     model = UNet(**dict(UNet_models["tiny"], in_channels=C, image_size=H, ch=args.teacher_ch))
     cfg = dict(stage="pretrain", arch="unet", model="tiny", unet=model.config, objective="ddpm", T=1000, beta_range=[1e-4, 0.02],
-               sample_shape=[C, H, W], num_classes=0, data=args.data, image_size=None, vae_path=None,
+               sample_shape=[C, H, W], num_classes=0, data=args.data, image_size=args.image_size, vae_path=None,
                scaling_factor=space.scaling_factor, classes=ds.classes, amp="auto")
     if dist.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -1344,6 +1348,7 @@ def pipeline(args):
     teacher = args.teacher or train_teacher(args, os.path.join(out, "teacher"))
     t_teacher = time.time() - t0
     common = ["--data", args.data, "--device", args.device, "--seed", str(args.seed), "--amp", args.amp]
+    size = ["--image-size", str(args.image_size)] if args.image_size else []  # finetune reads it from the distill run
     if args.compile is not None:
         common.append("--compile" if args.compile else "--no-compile")
     lab = ["--labels-per-class", str(args.labels_per_class)]
@@ -1354,10 +1359,10 @@ def pipeline(args):
     # ... and, for the policy on 400 steps, a moving-average baseline, a uniform start and a LayerNormed 256-wide head
     policy = ["--baseline", "ema", "--policy-zero-init", "--head-layernorm", "--head-hidden", "256"]
     p = build_parser()
-    r_d = distill(p.parse_args(["distill", "--teacher", teacher, "--out-dir", f"{out}/distill", *common, *train,
+    r_d = distill(p.parse_args(["distill", "--teacher", teacher, "--out-dir", f"{out}/distill", *common, *size, *train,
                                 "--steps", str(args.steps), "--student", args.student, "--width", str(args.width),
                                 "--t-policy", args.t_policy, "--t-bins", str(args.t_bins), "--teacher-input", args.teacher_input,
-                                *policy,
+                                "--feat-loss", args.feat_loss, *policy,
                                 *(lab if args.reward_labels == "budget" else [])]))
     if args.task != "classification":
         return dense_pipeline(args, p, r_d, teacher, common, train, t0, t_teacher)
@@ -1365,7 +1370,7 @@ def pipeline(args):
         train = [*train, "--lr", str(args.finetune_lr)]
     r_f = finetune(p.parse_args(["finetune", "--ckpt", f"{out}/distill/ckpt", "--out-dir", f"{out}/finetune", *common, *lab, *train,
                                  "--steps", str(args.finetune_steps)]))
-    r_s = scratch(p.parse_args(["scratch", "--out-dir", f"{out}/scratch", *common, *lab, *train, "--steps", str(args.finetune_steps),
+    r_s = scratch(p.parse_args(["scratch", "--out-dir", f"{out}/scratch", *common, *size, *lab, *train, "--steps", str(args.finetune_steps),
                                 "--student", args.student, "--width", str(args.width)]))
     metrics = {"student_acc": r_f["accuracy"], "scratch_acc": r_s["accuracy"], "chance": r_f["chance"],
                "student_probe_acc": r_f.get("probe_accuracy"), "t_policy": r_d["t_policy"], "t_hist": r_d["t_hist"],

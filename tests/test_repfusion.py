@@ -275,6 +275,18 @@ def test_pipeline_runs_every_stage(tmp_path, teachers):
     assert one["t_hist"]["n"] == 4 * 16  # every distillation pick counted once
 
 
+
+def test_pipeline_uses_its_image_size_and_feature_loss_in_every_stage(tmp_path):
+    """--image-size reaches the teacher, the distillation and scratch (finetune reads it from the distill run), and
+    the bare run distils with attention transfer (--feat-loss, default at), on the built-in real digits."""
+    pytest.importorskip("sklearn")
+    out = tmp_path / "run"
+    run(["--out-dir", str(out), "--data", "digits", "--image-size", "16", "--teacher-steps", "2", "--teacher-ch", "8", *PIPE])
+    cfg = lambda stage: json.load(open(out / stage / "ckpt" / "config.json"))
+    assert [cfg(s)["sample_shape"] for s in ("teacher", "distill", "finetune", "scratch")] == [[3, 16, 16]] * 4
+    assert cfg("distill")["args"]["feat_loss"] == "at" and cfg("teacher")["image_size"] == 16
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 def test_a_checkpoint_that_is_not_a_teacher_gives_one_clear_line(tmp_path, distilled):
