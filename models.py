@@ -1225,12 +1225,19 @@ def build_net(cfg):
 KIND_SCRIPTS = {"dit": "repcond_dit", "unet": "ddae_probe"}
 
 
-def load_run(ckpt, device, vae_path=None, data_spec=None, split="train", kinds=("dit", "unet")):
+def load_run(ckpt, device, vae_path=None, data_spec=None, split="train", kinds=("dit", "unet"), flag="--ckpt",
+             image_size=None, amp="auto"):
     """A checkpoint folder -> (network with its EMA weights in eval mode, its config, data set, Space).
 
     The data set is the run's own (`data_spec` overrides it, with the same sample shape); the Space encodes it
     as the run did (pixels, latents file, or `vae_path` / the run's VAE). kinds: the checkpoint kinds accepted
-    (checkpoint_kind); anything else is refused in one line."""
+    (checkpoint_kind); anything else is refused in one line.
+    With "dit" in kinds, `ckpt` may also be an official DiT release file (DiT-XL-2-256x256.pt): it has no data of its
+    own, so `data_spec` is required (ImageNet latents, or images with `vae_path`, at `image_size`; Space in `amp`); the
+    network is RepCondDiT(the DiT), the config {T: 1000, classes: the ImageNet wnids for a 1000-class DiT, official:
+    True, ...}. flag: the command-line name of `ckpt`, for the error lines."""
+    if "dit" in kinds and os.path.isfile(ckpt):
+        return _load_official_dit_run(ckpt, device, vae_path, data_spec, split, flag, image_size, amp)
     d = find_checkpoint(ckpt)
     cfg = load_json(os.path.join(d, "config.json"))
     if checkpoint_kind(cfg) not in kinds:
@@ -1247,3 +1254,21 @@ def load_run(ckpt, device, vae_path=None, data_spec=None, split="train", kinds=(
                         f"{tuple(cfg['sample_shape'])}: the checkpoint {d} was trained on {tuple(cfg['sample_shape'])} "
                         f"(--image-size / --vae-path)")
     return model, cfg, ds, space
+
+
+def _load_official_dit_run(path, device, vae_path, data_spec, split, flag, image_size, amp):
+    if not data_spec:
+        raise UserError(f"{flag} {path}: an official DiT file needs --data (ImageNet latents .safetensors, or images with "
+                        "--vae-path)")
+    dit = load_dit(path, device)
+    shape = (dit.in_channels, dit.input_size, dit.input_size)
+    ds = data.load(data_spec, split, image_size)
+    space = Space(ds, vae_path, device, resolve_amp(amp, device))
+    if tuple(space.sample_shape) != shape:
+        raise UserError(f"--data {data_spec}: model inputs are {tuple(space.sample_shape)}, {path} takes {shape} "
+                        f"(--vae-path / --image-size)")
+    classes = [w for w, _ in data.imagenet_classes()] if dit.num_classes == 1000 else None
+    cfg = dict(T=1000, classes=classes, data=data_spec, image_size=image_size, vae_path=vae_path, sample_shape=list(shape),
+               num_classes=dit.num_classes, official=True)
+    return RepCondDiT(dit).eval(), cfg, ds, space
+

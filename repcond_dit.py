@@ -125,7 +125,7 @@ from training import (accuracy_f1, autocast, binary_f1, check_out_dir, cleanup_d
                       load_state_dict_strict, load_weights, Progress, resolve_amp, RunLog, save_curve, save_heatmap,
                       save_image_grid, save_json, save_safetensors, setup_distributed, step_generator,
                       transformer_flops_per_image)
-from models import build_model, Diffusion, diffusion_loss, load_dit, load_run, RepCondDiT, sample_loop, test_split_spec
+from models import build_model, Diffusion, diffusion_loss, load_run, sample_loop, test_split_spec
 from vae import Space
 
 
@@ -412,19 +412,7 @@ def probe(args):
 def load_for_sampling(args, dist):
     """--ckpt: a run of this file, or an official DiT release file (DiT-XL-2-256x256.pt: ImageNet latents, its classes
     named by imagenet1k_classes.tsv; needs --data for the latent space and --vae-path to decode) -> model, cfg, train, space."""
-    if not os.path.isfile(args.ckpt):
-        return load_run(args.ckpt, dist.device, args.vae_path, args.data, kinds=("dit",))
-    if not args.data:
-        raise UserError(f"--ckpt {args.ckpt}: an official DiT file needs --data (ImageNet latents .safetensors, or images "
-                        "with --vae-path) and --vae-path to decode")
-    dit = load_dit(args.ckpt, dist.device)
-    ds = data.load(args.data, "train", None)
-    space = Space(ds, args.vae_path, dist.device, resolve_amp(args.amp, dist.device))
-    if tuple(space.sample_shape) != (dit.in_channels, dit.input_size, dit.input_size):
-        raise UserError(f"--data {args.data}: samples are {tuple(space.sample_shape)}, {args.ckpt} takes "
-                        f"{(dit.in_channels, dit.input_size, dit.input_size)}")
-    classes = [w for w, _ in data.imagenet_classes()] if dit.num_classes == 1000 else None
-    return RepCondDiT(dit).eval(), dict(T=1000, classes=classes, data=args.data, official=True), ds, space
+    return load_run(args.ckpt, dist.device, args.vae_path, args.data, kinds=("dit",), amp=args.amp)
 
 
 def sample(args):

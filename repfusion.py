@@ -169,8 +169,7 @@ from data import UserError
 from training import (all_sum, autocast, check_out_dir, cleanup_distributed, compile_default, draw_global,
                       find_checkpoint, fit, linear_probe, load_json, load_state_dict_strict, load_weights, resolve_amp,
                       RunLog, save_heatmap, save_image_grid, save_json, setup_distributed, step_generator)
-from models import (checkpoint_kind, Diffusion, load_dit, load_run, load_unet, make_objective, RepCondDiT, UNet,
-                    unet_file_kind)
+from models import checkpoint_kind, Diffusion, load_run, load_unet, make_objective, UNet, unet_file_kind
 from vae import Space
 
 
@@ -638,17 +637,8 @@ class DiTTeacher(Teacher):
     kind = "dit"
 
     def __init__(self, ckpt, layer, input_mode, device, vae_path=None, data_spec=None, image_size=None):
-        if os.path.isfile(ckpt):
-            if data_spec is None:
-                raise UserError(f"--teacher {ckpt}: an official DiT file needs --data (a latents file, or images with --vae-path)")
-            dit = load_dit(ckpt, device)
-            model, cfg = RepCondDiT(dit).eval(), {"T": 1000}
-            self.space = Space(data.load(data_spec, "train", image_size), vae_path, device, resolve_amp("auto", device))
-            if self.space.sample_shape != (dit.in_channels, dit.input_size, dit.input_size):
-                raise UserError(f"--data {data_spec}: model inputs are {self.space.sample_shape}, the DiT takes "
-                                f"{(dit.in_channels, dit.input_size, dit.input_size)} (--vae-path / --image-size)")
-        else:
-            model, cfg, _, self.space = load_run(ckpt, device, vae_path, data_spec, kinds=("dit",))
+        model, cfg, _, self.space = load_run(ckpt, device, vae_path, data_spec, kinds=("dit",), flag="--teacher",
+                                             image_size=image_size)
         depth = len(model.denoiser.blocks)
         layer = layer or f"blocks.{depth // 2}"
         names = [f"blocks.{i}" for i in range(depth)]
