@@ -77,10 +77,11 @@ def build_parser():
     p.add_argument("--width", type=int, default=16, help="pipeline: student base width (64 = the standard ResNet)")
     p.add_argument("--t-policy", default="rl", choices=["rl", "fixed", "random"])
     p.add_argument("--t-bins", type=int, default=10)
-    p.add_argument("--feat-loss", default="at", choices=["mse", "at", "rkd"],
-                   help="pipeline: the distillation loss. at (attention transfer of the teacher's spatial map): on shapes, "
-                        "seeds 0-2, the fine-tuned student 0.508-0.629 vs scratch 0.259-0.421; mse on the pooled feature "
-                        "0.291-0.500 (docs/repfusion.md)")
+    p.add_argument("--feat-loss", default=None, choices=["mse", "at", "rkd"],
+                   help="pipeline: the distillation loss (default: at for classification, mse for seg and landmarks). On "
+                        "shapes, seeds 0-2, classification: at (attention transfer of the teacher's spatial map) 0.508-0.629 "
+                        "vs scratch 0.259-0.421, mse (the pooled feature) 0.291-0.500; seg, seeds 0-1: mse ahead of scratch "
+                        "in both, at in one (docs/repfusion.md)")
     p.add_argument("--labels-per-class", type=int, default=10, help="pipeline: the label budget of finetune and scratch")
     add_task_args(p)
     p.set_defaults(head_ch=32)  # the bare run's landmark head: 32 deconv channels on the CPU (256, the official, is --head-ch 256)
@@ -1352,7 +1353,7 @@ def pipeline(args):
     r_d = distill(p.parse_args(["distill", "--teacher", teacher, "--out-dir", f"{out}/distill", *common, *size, *train,
                                 "--steps", str(args.steps), "--student", args.student, "--width", str(args.width),
                                 "--t-policy", args.t_policy, "--t-bins", str(args.t_bins), "--teacher-input", args.teacher_input,
-                                "--feat-loss", args.feat_loss, *policy,
+                                "--feat-loss", args.feat_loss or ("at" if args.task == "classification" else "mse"), *policy,
                                 *(lab if args.reward_labels == "budget" else [])]))
     if args.task != "classification":
         return dense_pipeline(args, p, r_d, teacher, common, train, t0, t_teacher)

@@ -287,6 +287,16 @@ def test_pipeline_uses_its_image_size_and_feature_loss_in_every_stage(tmp_path):
     assert cfg("distill")["args"]["feat_loss"] == "at" and cfg("teacher")["image_size"] == 16
 
 
+def test_pipeline_feature_loss_default_is_per_task(tmp_path, teachers):
+    """The bare run distils with attention transfer for classification and with MSE for the dense tasks (where MSE
+    measured better on seg); --feat-loss overrides both."""
+    out = tmp_path / "seg"
+    run(["--out-dir", str(out), "--teacher", teachers["ddae"], "--task", "seg", *PIPE])
+    assert json.load(open(out / "distill" / "ckpt" / "config.json"))["args"]["feat_loss"] == "mse"
+    args = rf.build_parser().parse_args(["--feat-loss", "rkd"])
+    assert args.feat_loss == "rkd" and rf.build_parser().parse_args([]).feat_loss is None
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 def test_a_checkpoint_that_is_not_a_teacher_gives_one_clear_line(tmp_path, distilled):
