@@ -1225,18 +1225,18 @@ def build_net(cfg):
 KIND_SCRIPTS = {"dit": "repcond_dit", "unet": "ddae_probe"}
 
 
-def load_run(ckpt, device, vae_path=None, data_spec=None, split="train", kinds=("dit", "unet"), flag="--ckpt",
-             image_size=None, amp="auto"):
+def load_run(ckpt, device, vae_path=None, data_spec=None, split="train", kinds=("dit", "unet"), official_dit=False,
+             flag="--ckpt", image_size=None, amp="auto"):
     """A checkpoint folder -> (network with its EMA weights in eval mode, its config, data set, Space).
 
     The data set is the run's own (`data_spec` overrides it, with the same sample shape); the Space encodes it
     as the run did (pixels, latents file, or `vae_path` / the run's VAE). kinds: the checkpoint kinds accepted
     (checkpoint_kind); anything else is refused in one line.
-    With "dit" in kinds, `ckpt` may also be an official DiT release file (DiT-XL-2-256x256.pt): it has no data of its
+    With official_dit=True, `ckpt` may also be an official DiT release file (DiT-XL-2-256x256.pt): it has no data of its
     own, so `data_spec` is required (ImageNet latents, or images with `vae_path`, at `image_size`; Space in `amp`); the
     network is RepCondDiT(the DiT), the config {T: 1000, classes: the ImageNet wnids for a 1000-class DiT, official:
     True, ...}. flag: the command-line name of `ckpt`, for the error lines."""
-    if "dit" in kinds and os.path.isfile(ckpt):
+    if official_dit and os.path.isfile(ckpt):
         return _load_official_dit_run(ckpt, device, vae_path, data_spec, split, flag, image_size, amp)
     d = find_checkpoint(ckpt)
     cfg = load_json(os.path.join(d, "config.json"))

@@ -412,7 +412,7 @@ def probe(args):
 def load_for_sampling(args, dist):
     """--ckpt: a run of this file, or an official DiT release file (DiT-XL-2-256x256.pt: ImageNet latents, its classes
     named by imagenet1k_classes.tsv; needs --data for the latent space and --vae-path to decode) -> model, cfg, train, space."""
-    return load_run(args.ckpt, dist.device, args.vae_path, args.data, kinds=("dit",), amp=args.amp)
+    return load_run(args.ckpt, dist.device, args.vae_path, args.data, kinds=("dit",), official_dit=True, amp=args.amp)
 
 
 def sample(args):

@@ -638,8 +638,8 @@ class DiTTeacher(Teacher):
     kind = "dit"
 
     def __init__(self, ckpt, layer, input_mode, device, vae_path=None, data_spec=None, image_size=None):
-        model, cfg, _, self.space = load_run(ckpt, device, vae_path, data_spec, kinds=("dit",), flag="--teacher",
-                                             image_size=image_size)
+        model, cfg, _, self.space = load_run(ckpt, device, vae_path, data_spec, kinds=("dit",), official_dit=True,
+                                             flag="--teacher", image_size=image_size)
         depth = len(model.denoiser.blocks)
         layer = layer or f"blocks.{depth // 2}"
         names = [f"blocks.{i}" for i in range(depth)]
