@@ -293,6 +293,9 @@ def test_pipeline_feature_loss_default_is_per_task(tmp_path, teachers):
     out = tmp_path / "seg"
     run(["--out-dir", str(out), "--teacher", teachers["ddae"], "--task", "seg", *PIPE])
     assert json.load(open(out / "distill" / "ckpt" / "config.json"))["args"]["feat_loss"] == "mse"
+    small = tmp_path / "small"  # 1 label a class (10) under --batch-size 16: fine-tuning takes the whole budget a step
+    m = run(["--out-dir", str(small), "--teacher", teachers["ddae"], *PIPE, "--labels-per-class", "1"])
+    assert m["n_labeled"] == 10 and json.load(open(small / "scratch" / "ckpt" / "config.json"))["args"]["batch_size"] == 10
     args = rf.build_parser().parse_args(["--feat-loss", "rkd"])
     assert args.feat_loss == "rkd" and rf.build_parser().parse_args([]).feat_loss is None
 
