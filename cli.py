@@ -161,10 +161,4 @@ def run(main, parser, argv=None):
 def answer_early(parser, argv=None):
     """Parse the command line before a script's heavy imports: --help, and a line argparse refuses, are answered at
     once (one `error: ...` line, exit status 1). The script parses it again in `run`, after its imports."""
-    _one_line_errors(parser)
-    try:
-        parse_args(parser, argv)
-    except UserError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run(lambda args: None, parser, argv)
