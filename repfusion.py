@@ -1359,7 +1359,7 @@ def pipeline(args):
         return dense_pipeline(args, p, r_d, teacher, common, train, t0, t_teacher)
     if args.finetune_lr is not None:
         train = [*train, "--lr", str(args.finetune_lr)]
-    n_labeled = args.labels_per_class * len(data.load(args.data, "train").classes)
+    n_labeled = args.labels_per_class * len(load_json(f"{out}/distill/ckpt/config.json")["classes"])  # no second data load
     if n_labeled < args.batch_size:  # a batch cannot be larger than the labeled set: fine-tune on all of it each step
         train = [*train, "--batch-size", str(n_labeled)]
         print(f"[pipeline] finetune and scratch: batch {n_labeled}, the whole label budget (--batch-size {args.batch_size} "
