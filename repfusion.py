@@ -1356,7 +1356,7 @@ def pipeline(args):
                                 "--feat-loss", args.feat_loss or ("at" if args.task == "classification" else "mse"), *policy,
                                 *(lab if args.reward_labels == "budget" else [])]))
     if args.task != "classification":
-        return dense_pipeline(args, p, r_d, teacher, common, train, t0, t_teacher)
+        return dense_pipeline(args, p, r_d, teacher, [*common, *size], train, t0, t_teacher)
     if args.finetune_lr is not None:
         train = [*train, "--lr", str(args.finetune_lr)]
     n_labeled = args.labels_per_class * len(load_json(f"{out}/distill/ckpt/config.json")["classes"])  # no second data load

@@ -291,8 +291,10 @@ def test_pipeline_feature_loss_default_is_per_task(tmp_path, teachers):
     """The bare run distils with attention transfer for classification and with MSE for the dense tasks (where MSE
     measured better on seg); --feat-loss overrides both."""
     out = tmp_path / "seg"
-    run(["--out-dir", str(out), "--teacher", teachers["ddae"], "--task", "seg", *PIPE])
+    run(["--out-dir", str(out), "--task", "seg", "--image-size", "16", "--teacher-steps", "2", "--teacher-ch", "8", *PIPE])
     assert json.load(open(out / "distill" / "ckpt" / "config.json"))["args"]["feat_loss"] == "mse"
+    for stage in ("finetune", "scratch"):  # --image-size reaches the dense tail too
+        assert json.load(open(out / stage / "ckpt" / "config.json"))["args"]["image_size"] == 16
     small = tmp_path / "small"  # 1 label a class (10) under --batch-size 16: fine-tuning takes the whole budget a step
     m = run(["--out-dir", str(small), "--teacher", teachers["ddae"], *PIPE, "--labels-per-class", "1"])
     assert m["n_labeled"] == 10 and json.load(open(small / "scratch" / "ckpt" / "config.json"))["args"]["batch_size"] == 10
