@@ -860,6 +860,12 @@ def distill(args, teacher=None):
     if teacher is None:
         teacher = load_teacher(args.teacher, args.teacher_layer, args.teacher_input, dist.device, args.vae_path, args.data,
                                args.image_size)
+    _, H, W = ds.sample_shape  # a teacher of another input size would get noise of its own shape: say so in one line
+    f = teacher.space.vae.downsample_factor if teacher.space.kind == "vae" else 1
+    if (H // f, W // f) != tuple(teacher.space.sample_shape[1:]):
+        raise UserError(f"--image-size {args.image_size}: the data's images are {H}x{W}, but the teacher {args.teacher} takes "
+                        f"{tuple(teacher.space.sample_shape)} inputs{' (latents of 1/%d the size)' % f if f > 1 else ''}; "
+                        f"pass the teacher's image size")
     teacher.probe_shape(ds.sample_shape, dist.device)
     labeled = ds.labels is not None and len(ds.classes) > 0
     if args.t_policy == "rl" and not labeled:

@@ -317,6 +317,9 @@ def test_other_user_errors(tmp_path, teachers):
         rf.load_teacher(teachers["ddae"], "up.99", data_spec="shapes")
     with pytest.raises(UserError, match="--t 5000"):
         run(distill_args(tmp_path, teachers["ddae"], "--t-policy", "fixed", "--t", "5000"))
+    for kind in ("ddae", "dit"):  # a teacher trained on 32 px images, distilled on 16 px ones
+        with pytest.raises(UserError, match=r"--image-size 16: the data's images are 16x16, but the teacher .* takes \(3, 32, 32\)"):
+            run(distill_args(tmp_path / kind, teachers[kind], "--image-size", "16"))
     with pytest.raises(UserError, match="not a `repfusion.py distill` checkpoint"):
         run(["finetune", "--ckpt", teachers["ddae"], "--out-dir", str(tmp_path), "--device", "cpu"])
 
