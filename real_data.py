@@ -34,14 +34,14 @@ OWN = ("--data", "--out-dir", "--seed", "--device", "--overwrite")  # set by thi
 # --budget gpu: not yet run on a GPU; each is the bare recipe with the knob that moved it on the CPU scaled up (README,
 # "Where the effect appears at another budget"): ddae 1600 -> 6400 steps took digits from 0.820 to 0.901; the ELBO
 # classifier's exhaustive accuracy went 0.400 / 0.513 / 0.800 at 2000 / 8000 / 32000 steps, its auto schedule within
-# one point at 31% of the passes at 32000 (33 min on 2 CPU cores); DC0 grows with tuning (0.279 -> 0.358 at 4x) and
-# noise draws (2 -> 16: 0.358 -> 0.544); repfusion's teacher, distillation and fine-tuning run longer
+# one point at 31% of the passes at 32000 (33 min on 2 CPU cores); DC0 grows with tuning (8 draws: 0.406 -> 0.772 at
+# 3000 -> 48000 steps, probe 0.876) and noise draws (2 -> 16: 0.358 -> 0.544); repfusion's stages run longer
 BUDGETS = {
     "cpu": {s: [] for s in SCRIPTS},
     "gpu": {"ddae_probe": ["--steps", "12800"],
             "diffusion_classifier": ["--steps", "32000", "--n-samples", "64", "--n-test", "1000"],
             "repfusion": ["--teacher-steps", "4800", "--steps", "3200", "--finetune-steps", "800"],
-            "repcond_dit": ["--steps", "4800", "--tune-steps", "24000", "--n-noise", "16"]},
+            "repcond_dit": ["--steps", "4800", "--tune-steps", "96000", "--n-noise", "16"]},
 }
 
 
