@@ -611,7 +611,18 @@ class Teacher:
     """teacher(x, t, eps) -> (pooled (N, D), map (N, C, h, w)) of one block, the network fed x_t
     (`noised`, the paper's reading) or the clean image with the timestep t (`clean`, the official code).
     t is an integer in [0, T); the network never trains: requires_grad False, eval mode."""
-    kind, layer, dim, map_shape, T, net = None, None, 0, None, 1000, None
+    kind, layer, dim, map_shape, T, net, space = None, None, 0, None, 1000, None, None
+
+    def check_images(self, sample_shape, flag, name):
+        """Refuse, in one line, images (C, H, W) that the teacher's Space would not turn into the input size its
+        network was trained on (the noise it draws has that size)."""
+        if self.space is None:
+            return
+        _, H, W = sample_shape
+        f = self.space.vae.downsample_factor if self.space.kind == "vae" else 1
+        if (H // f, W // f) != tuple(self.space.sample_shape[1:]):
+            raise UserError(f"{flag}: the data's images are {H}x{W}, but the teacher {name} takes {tuple(self.space.sample_shape)} "
+                            f"inputs{' (latents of 1/%d the size)' % f if f > 1 else ''}; pass the teacher's image size")
 
     def freeze(self):
         self.net.requires_grad_(False).eval()
@@ -860,12 +871,7 @@ def distill(args, teacher=None):
     if teacher is None:
         teacher = load_teacher(args.teacher, args.teacher_layer, args.teacher_input, dist.device, args.vae_path, args.data,
                                args.image_size)
-    _, H, W = ds.sample_shape  # a teacher of another input size would get noise of its own shape: say so in one line
-    f = teacher.space.vae.downsample_factor if teacher.space.kind == "vae" else 1
-    if (H // f, W // f) != tuple(teacher.space.sample_shape[1:]):
-        raise UserError(f"--image-size {args.image_size}: the data's images are {H}x{W}, but the teacher {args.teacher} takes "
-                        f"{tuple(teacher.space.sample_shape)} inputs{' (latents of 1/%d the size)' % f if f > 1 else ''}; "
-                        f"pass the teacher's image size")
+    teacher.check_images(ds.sample_shape, f"--image-size {args.image_size}", args.teacher)
     teacher.probe_shape(ds.sample_shape, dist.device)
     labeled = ds.labels is not None and len(ds.classes) > 0
     if args.t_policy == "rl" and not labeled:

@@ -281,7 +281,7 @@ def test_classify_beats_chance_and_writes_its_outputs(tuned):
     # a 200 + 600 step CPU model (0.26 measured); 0.18 on 300 images is 4.6 binomial standard deviations above chance
     assert m["accuracy"] > 1.8 * m["chance"]
     assert set(m["accuracy_per_t"]) == {"50", "100"} and m["best_t"] in (50, 100)
-    assert m["nfe_per_image"] == 10 * 2 and m["best_t_chosen_on"] == "val"
+    assert m["n_noise"] == 8 and m["nfe_per_image"] == 10 * 8 * 2 and m["best_t_chosen_on"] == "val"  # 8 draws by default
     for f in ("metrics.json", "confusion.png", "sweep.png"):
         assert (tuned.dir / "cls" / f).exists()
     # t is chosen on train images that tune never saw; both sets are recorded
